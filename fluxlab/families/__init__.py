@@ -1,0 +1,33 @@
+"""One small adapter per model family: what differs between FLUX.1 and FLUX.2.
+
+An adapter knows how its family encodes prompts, lays out latent noise and position ids, calls the
+transformer, and decodes latents. The generation loop (pipeline.py) is shared and never branches on family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts for a batch: per-token embeddings, their position ids, and (FLUX.1) pooled vectors."""
+
+    embeds: Any
+    ids: Any
+    pooled: Any = None
+
+    def select(self, rows):
+        """The conditioning for the given batch rows (a list of indices into the encoded prompts)."""
+        return Conditioning(
+            self.embeds[rows],
+            self.ids[rows] if self.ids.ndim == 3 else self.ids,
+            None if self.pooled is None else self.pooled[rows],
+        )
+
+
+def get_family(name: str):
+    from . import flux1, flux2
+
+    return {"flux1": flux1.Flux1, "flux2": flux2.Flux2}[name]

@@ -1,0 +1,79 @@
+"""FLUX.1 (schnell, dev, and local FLUX.1-architecture models): CLIP + T5 prompts, 2x2-packed tokens, 3-D ids.
+
+Faithful to diffusers' FluxPipeline (and BFL's flux sampling code):
+* CLIP's pooled output (77 tokens) and T5's last hidden state (256 tokens for schnell, 512 for dev), no mask;
+* noise is (B, 16, 2*(H/16), 2*(W/16)), packed 2x2 into (B, H/16*W/16, 64) tokens; ids (0, row, col),
+  text ids all zero;
+* decoding: unpack, then z / scaling_factor + shift_factor (0.3611, 0.1159 for the real VAE).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Conditioning
+
+
+class Flux1:
+    family = "flux1"
+
+    def __init__(self, c, max_sequence_length: int = 512, layers=None):
+        self.c = c
+        self.max_sequence_length = max_sequence_length
+        self.vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
+        self.latent_channels = c.transformer.config.in_channels // 4  # before the 2x2 packing
+        self.guidance_embeds = bool(c.transformer.config.guidance_embeds)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device) -> Conditioning:
+        clip, t5 = self.c.text_encoder, self.c.text_encoder_2
+        ids = self.c.tokenizer(prompts, padding="max_length", max_length=self.c.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids
+        pooled = clip(ids.to(device), output_hidden_states=False).pooler_output.to(clip.dtype)
+        ids = self.c.tokenizer_2(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                 truncation=True, return_tensors="pt").input_ids
+        embeds = t5(ids.to(device), output_hidden_states=False)[0].to(t5.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=clip.dtype)
+        return Conditioning(embeds, txt_ids, pooled)
+
+    def latent_grid(self, width: int, height: int) -> tuple[int, int]:
+        m = self.vae_scale * 2
+        return height // m, width // m
+
+    def noise(self, seeds, width: int, height: int, dtype):
+        h, w = self.latent_grid(width, height)
+        x = torch.cat([
+            torch.randn((1, self.latent_channels, 2 * h, 2 * w), generator=torch.Generator("cpu").manual_seed(s),
+                        dtype=dtype)
+            for s in seeds
+        ])
+        # b c (h ph) (w pw) -> b (h w) (c ph pw)
+        b, c = x.shape[:2]
+        return x.view(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * 4)
+
+    def image_ids(self, batch: int, width: int, height: int, device, dtype=None):
+        h, w = self.latent_grid(width, height)
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        return ids.reshape(h * w, 3).to(device=device, dtype=dtype or self.c.text_encoder.dtype)
+
+    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None):
+        g = None
+        if self.guidance_embeds:
+            g = torch.full([1], guidance, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        return self.c.transformer(hidden_states=x, timestep=timestep / 1000, guidance=g,
+                                  pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds,
+                                  txt_ids=cond.ids, img_ids=img_ids, return_dict=False)[0]
+
+    def unpack(self, x, width: int, height: int):
+        h, w = self.latent_grid(width, height)
+        b, _, c = x.shape
+        z = x.view(b, h, w, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c // 4, h * 2, w * 2)
+        cfg = self.c.vae.config
+        return z / cfg.scaling_factor + cfg.shift_factor
+
+    @torch.no_grad()
+    def decode(self, z):
+        vae = self.c.vae
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]

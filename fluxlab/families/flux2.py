@@ -1,0 +1,126 @@
+"""FLUX.2 (klein, dev): Qwen3 / Mistral3 prompt encoding, 128-channel tokens, 4-D ids, batch-norm VAE latents.
+
+Faithful to diffusers' Flux2KleinPipeline / Flux2Pipeline (and BFL's flux2 sampling code):
+* the prompt goes through the chat template, is padded to 512 tokens, and the hidden states of three encoder
+  layers (L/4, L/2, 3L/4) are stacked per token: (B, 512, 3*hidden);
+* noise is (B, 128, H/16, W/16), flattened row-major to tokens; ids are (t, h, w, l) = (0, row, col, 0) for
+  image tokens and (0, 0, 0, index) for text tokens;
+* decoding undoes the VAE batch-norm (mean/var with eps) and the 2x2 patchify before the VAE decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..catalog import text_encoder_layers
+from . import Conditioning
+
+# FLUX.2 [dev]'s system message for Mistral (BFL flux2 text_encoder.py, also in diffusers' system_messages).
+MISTRAL_SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object attribution and actions without speculation."
+)
+
+
+class Flux2:
+    family = "flux2"
+
+    def __init__(self, c, max_sequence_length: int = 512, layers: tuple[int, ...] | None = None):
+        self.c = c
+        self.max_sequence_length = max_sequence_length
+        cfg = c.text_encoder.config
+        depth = getattr(cfg, "text_config", cfg).num_hidden_layers
+        self.layers = tuple(layers) if layers else text_encoder_layers(depth)
+        self.vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
+        self.latent_channels = c.transformer.config.in_channels  # after the 2x2 patchify
+        self.guidance_embeds = bool(c.transformer.config.guidance_embeds)
+
+    # -- prompt -------------------------------------------------------------------------------------
+    def _tokenize(self, prompts: list[str]):
+        tok = self.c.tokenizer
+        if hasattr(tok, "tokenizer") and hasattr(tok, "image_processor"):  # a Mistral processor (FLUX.2 dev)
+            messages = [
+                [
+                    {"role": "system", "content": [{"type": "text", "text": MISTRAL_SYSTEM_MESSAGE}]},
+                    {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]},
+                ]
+                for p in prompts
+            ]
+            inputs = tok.apply_chat_template(
+                messages, add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
+                padding="max_length", truncation=True, max_length=self.max_sequence_length,
+            )
+            return inputs["input_ids"], inputs["attention_mask"]
+        ids, masks = [], []
+        for p in prompts:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            t = tok(text, return_tensors="pt", padding="max_length", truncation=True,
+                    max_length=self.max_sequence_length)
+            ids.append(t["input_ids"])
+            masks.append(t["attention_mask"])
+        return torch.cat(ids), torch.cat(masks)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device) -> Conditioning:
+        input_ids, mask = self._tokenize(prompts)
+        te = self.c.text_encoder
+        out = te(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                 use_cache=False)
+        h = torch.stack([out.hidden_states[k] for k in self.layers], dim=1).to(te.dtype)
+        b, n, length, d = h.shape
+        embeds = h.permute(0, 2, 1, 3).reshape(b, length, n * d)
+        ids = torch.zeros(b, length, 4, dtype=torch.long)
+        ids[..., 3] = torch.arange(length)
+        return Conditioning(embeds, ids.to(device))
+
+    # -- latents ------------------------------------------------------------------------------------
+    def latent_grid(self, width: int, height: int) -> tuple[int, int]:
+        """Token rows and columns for an image: one token per 2x2 patch of VAE latents."""
+        m = self.vae_scale * 2
+        return height // m, width // m
+
+    def noise(self, seeds, width: int, height: int, dtype):
+        """Per-seed noise from CPU generators (the same image on every device), packed to tokens."""
+        h, w = self.latent_grid(width, height)
+        x = torch.cat([
+            torch.randn((1, self.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(s),
+                        dtype=dtype)
+            for s in seeds
+        ])
+        return x.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
+
+    def image_ids(self, batch: int, width: int, height: int, device):
+        h, w = self.latent_grid(width, height)
+        ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+        return ids.unsqueeze(0).expand(batch, -1, -1).to(device)
+
+    # -- model ---------------------------------------------------------------------------------------
+    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None):
+        """One transformer call. `timestep` is sigma*1000 in the latents' dtype, as the reference passes it."""
+        g = None
+        if self.guidance_embeds:
+            g = torch.full([x.shape[0]], guidance, device=x.device, dtype=torch.float32)
+        t = self.c.transformer
+        return t(hidden_states=x.to(t.dtype), timestep=timestep / 1000, guidance=g,
+                 encoder_hidden_states=cond.embeds, txt_ids=cond.ids, img_ids=img_ids, return_dict=False)[0]
+
+    # -- decode -------------------------------------------------------------------------------------
+    def unpack(self, x, width: int, height: int):
+        """Tokens -> denormalised VAE latents (B, C/4, 2h, 2w), the tensor the VAE decoder takes."""
+        h, w = self.latent_grid(width, height)
+        b, _, c = x.shape
+        z = x.transpose(1, 2).reshape(b, c, h, w)
+        bn = self.c.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.c.vae.config.batch_norm_eps).to(z.device, z.dtype)
+        z = z * std + mean
+        # 2x2 un-patchify: (c pi pj) h w -> c (h pi) (w pj)
+        z = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+        return z
+
+    @torch.no_grad()
+    def decode(self, z):
+        vae = self.c.vae
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]

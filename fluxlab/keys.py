@@ -1,0 +1,90 @@
+"""Transformer key names: diffusers <-> BFL (the original flux / flux2 code), as data.
+
+diffusers converts BFL checkpoints to its own names (loaders.single_file_utils); it has no way back. We need
+both directions: to write checkpoints and LoRAs that BFL-based tools (ComfyUI, flux2, ai-toolkit for FLUX.2)
+read, and to check diffusers' converter against an independent table. Each row maps one diffusers module
+path to a BFL module path; fused BFL projections are listed as several diffusers modules concatenated along
+the output dimension, in order.
+"""
+
+from __future__ import annotations
+
+import re
+
+# (diffusers pattern, BFL pattern); {i} is the block index. Modules, not parameters: ".weight"/".bias" follow.
+FLUX2_MODULES: list[tuple[str, str]] = [
+    ("x_embedder", "img_in"),
+    ("context_embedder", "txt_in"),
+    ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+    ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+    ("time_guidance_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+    ("time_guidance_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+    ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin"),
+    ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin"),
+    ("single_stream_modulation.linear", "single_stream_modulation.lin"),
+    ("proj_out", "final_layer.linear"),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1"),  # halves swapped: diffusers (scale, shift)
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj"),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj"),
+    ("transformer_blocks.{i}.ff.linear_in", "double_blocks.{i}.img_mlp.0"),
+    ("transformer_blocks.{i}.ff.linear_out", "double_blocks.{i}.img_mlp.2"),
+    ("transformer_blocks.{i}.ff_context.linear_in", "double_blocks.{i}.txt_mlp.0"),
+    ("transformer_blocks.{i}.ff_context.linear_out", "double_blocks.{i}.txt_mlp.2"),
+    ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", "single_blocks.{i}.linear1"),
+    ("single_transformer_blocks.{i}.attn.to_out", "single_blocks.{i}.linear2"),
+]
+# RMSNorm scales: diffusers "<module>.weight" <-> BFL "<module>.scale".
+FLUX2_NORMS: list[tuple[str, str]] = [
+    ("transformer_blocks.{i}.attn.norm_q", "double_blocks.{i}.img_attn.norm.query_norm"),
+    ("transformer_blocks.{i}.attn.norm_k", "double_blocks.{i}.img_attn.norm.key_norm"),
+    ("transformer_blocks.{i}.attn.norm_added_q", "double_blocks.{i}.txt_attn.norm.query_norm"),
+    ("transformer_blocks.{i}.attn.norm_added_k", "double_blocks.{i}.txt_attn.norm.key_norm"),
+    ("single_transformer_blocks.{i}.attn.norm_q", "single_blocks.{i}.norm.query_norm"),
+    ("single_transformer_blocks.{i}.attn.norm_k", "single_blocks.{i}.norm.key_norm"),
+]
+# BFL fused projections = diffusers modules concatenated on the output dimension.
+FLUX2_FUSED: list[tuple[tuple[str, ...], str]] = [
+    (tuple(f"transformer_blocks.{{i}}.attn.to_{x}" for x in "qkv"), "double_blocks.{i}.img_attn.qkv"),
+    (tuple(f"transformer_blocks.{{i}}.attn.add_{x}_proj" for x in "qkv"), "double_blocks.{i}.txt_attn.qkv"),
+]
+SWAPPED = {"norm_out.linear"}
+
+
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def flux2_to_bfl(sd: dict) -> dict:
+    """A diffusers-named FLUX.2 transformer state dict in BFL names (weights shared, fused where BFL fuses)."""
+    import torch
+
+    out, used = {}, set()
+    for parts, bfl in FLUX2_FUSED:
+        rx = _regex(parts[0])
+        for key in sd:
+            module, _, param = key.rpartition(".")
+            m = rx.match(module)
+            if m:
+                i = m.group("i")
+                names = [p.replace("{i}", i) + "." + param for p in parts]
+                out[bfl.replace("{i}", i) + "." + param] = torch.cat([sd[n] for n in names], dim=0)
+                used.update(names)
+    for table, norm in ((FLUX2_MODULES, False), (FLUX2_NORMS, True)):
+        for dif, bfl in table:
+            rx = _regex(dif)
+            for key, value in sd.items():
+                module, _, param = key.rpartition(".")
+                m = rx.match(module)
+                if not m or key in used:
+                    continue
+                i = m.groupdict().get("i", "")
+                new_param = "scale" if norm and param == "weight" else param
+                if dif in SWAPPED:
+                    shift_half, scale_half = value.chunk(2, dim=0)[1], value.chunk(2, dim=0)[0]
+                    value = torch.cat([shift_half, scale_half], dim=0)
+                out[bfl.replace("{i}", i) + "." + new_param] = value
+                used.add(key)
+    left = sorted(set(sd) - used)
+    if left:
+        raise ValueError(f"no BFL name for {len(left)} key(s), e.g. {left[0]}")
+    return out

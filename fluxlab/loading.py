@@ -1,0 +1,285 @@
+"""Finding and loading models: catalog names, local diffusers directories, hub repos, single-file transformers.
+
+`locate()` answers "what is this model and where are its files" from JSON alone (fast, before any weights
+are read, so requests can be validated first). `load_components()` then builds the diffusers/transformers
+model objects from safetensors files only (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .catalog import CATALOG, ModelSpec
+from .errors import UserError, did_you_mean
+
+# model_index.json pipeline classes we can run, and how each maps onto the catalog's vocabulary.
+FLUX2_PIPELINES = {"Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2Pipeline"}
+FLUX1_PIPELINES = {"FluxPipeline"}
+
+# Component classes we instantiate, per library: a whitelist, so a model_index.json cannot name arbitrary code.
+DIFFUSERS_CLASSES = {"Flux2Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKLFlux2", "AutoencoderKL"}
+TRANSFORMERS_CLASSES = {
+    "Qwen3ForCausalLM", "Qwen3Model", "Mistral3ForConditionalGeneration", "CLIPTextModel", "T5EncoderModel",
+}
+HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A located model: its spec (from the catalog, or derived from a directory's files) and where it lives."""
+
+    spec: ModelSpec | None  # None for a hub repo outside the catalog, until its files are here
+    path: Path | None  # None until a hub model is downloaded
+    label: str  # what to record and show: a catalog name, an absolute directory, or a hub repo id
+    repo: str | None = None
+
+
+@dataclass
+class Components:
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    scheduler_config: dict | None = None
+
+
+# -- locating ---------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def derive_spec(path: Path, name: str | None = None) -> ModelSpec:
+    """A ModelSpec for a diffusers-format directory, from model_index.json and the component configs."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    index = _read_json(index_file)
+    cls = index.get("_class_name", "?")
+    name = name or path.name
+    sizes = {
+        comp: round(sum(f.stat().st_size for f in (path / comp).glob("*.safetensors")) / 1e9, 3)
+        for comp in ("transformer", "text_encoder", "text_encoder_2", "vae")
+        if (path / comp).is_dir()
+    }
+    common = dict(name=name, repo=str(path), license="see the model's files", gated=False, sizes_gb=sizes)
+    if cls in FLUX2_PIPELINES:
+        if cls == "Flux2Pipeline":
+            mode, steps, guidance, enc = "embedded", 50, 4.0, "Mistral3"
+        elif index.get("is_distilled", False):
+            mode, steps, guidance, enc = "none", 4, 1.0, "Qwen3"
+        else:
+            mode, steps, guidance, enc = "cfg", 50, 4.0, "Qwen3"
+        return ModelSpec(family="flux2", description=f"local {cls}", steps=steps, guidance=guidance,
+                         guidance_mode=mode, max_sequence_length=512, text_encoder=enc,
+                         schedule="FLUX.2 empirical mu", **common)
+    if cls in FLUX1_PIPELINES:
+        tcfg = _read_json(path / "transformer" / "config.json")
+        if tcfg.get("guidance_embeds", False):
+            mode, steps, guidance, seq = "embedded", 28, 3.5, 512
+        else:
+            mode, steps, guidance, seq = "none", 4, 0.0, 256
+        return ModelSpec(family="flux1", description=f"local {cls}", steps=steps, guidance=guidance,
+                         guidance_mode=mode, max_sequence_length=seq, text_encoder="T5 + CLIP",
+                         schedule="from scheduler_config.json", **common)
+    supported = ", ".join(sorted(FLUX2_PIPELINES | FLUX1_PIPELINES))
+    raise UserError(f"{path} holds a {cls} pipeline, not a supported FLUX pipeline (supported: {supported})")
+
+
+def locate(model: str) -> ModelSource:
+    """Resolve a -m value: a catalog name, a local directory, or a hub repo id."""
+    if model in CATALOG:
+        spec = CATALOG[model]
+        return ModelSource(spec, None, spec.name, repo=spec.repo)
+    p = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or p.exists() or (os.sep in model and not HUB_REPO.match(model))
+    if looks_like_path:
+        if not p.exists():
+            raise UserError(f"model directory {model} does not exist")
+        if not p.is_dir():
+            raise UserError(f"model {model} is a file, not a pipeline directory (a single-file transformer goes "
+                            f"in --transformer, over a base model given with -m)")
+        p = p.resolve()
+        return ModelSource(derive_spec(p), p, str(p))
+    if HUB_REPO.match(model):
+        return ModelSource(None, None, model, repo=model)
+    raise UserError(
+        f"unknown model {model!r}{did_you_mean(model, CATALOG)}; valid names: {', '.join(CATALOG)}"
+        " (or a local directory, or a hub repo id org/name)"
+    )
+
+
+def fetch(source: ModelSource) -> ModelSource:
+    """Make sure a hub model's files are local (download if allowed), and derive its real spec from them."""
+    if source.path is not None:
+        return source
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    repo = source.repo
+    get = f"hf download {repo} --exclude '*.bin' '*.pth' '*.gguf'"
+    try:
+        path = Path(snapshot_download(repo, allow_patterns=["model_index.json", "*/*"],
+                                      ignore_patterns=["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx*"]))
+    except GatedRepoError:
+        raise UserError(
+            f"{repo} is gated (HTTP 403): accept its license at https://huggingface.co/{repo}, create a read token "
+            f"at https://huggingface.co/settings/tokens, run `hf auth login`, then `{get}`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"hub repo {repo} does not exist or is private; check the name, or run `hf auth login` "
+                        f"if it is yours") from None
+    except LocalEntryNotFoundError:
+        gated = source.spec is not None and source.spec.gated
+        pre = f"accept the license at https://huggingface.co/{repo}, run `hf auth login`, then " if gated else ""
+        raise UserError(
+            f"the weights of {source.label} ({repo}) are not in the local cache and the hub cannot be reached "
+            f"(offline); to get them: {pre}`{get}` on a connected machine (or copy its cache folder here), "
+            f"or pass a local diffusers directory with -m ./DIR"
+        ) from None
+    except HfHubHTTPError as e:
+        raise UserError(f"downloading {repo} failed: {e}") from None
+    derived = derive_spec(path, name=source.label)
+    spec = source.spec or derived
+    if spec.family != derived.family:
+        raise UserError(f"{repo} holds a {derived.family} pipeline, but the catalog says {spec.family}")
+    return replace(source, spec=spec, path=path)
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+def check_safetensors(files) -> None:
+    """Read each file's header; a truncated or corrupt file is named before any loading starts."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:
+            raise UserError(f"{f} is not a valid safetensors file ({e})") from None
+
+
+def _component(path: Path, name: str, index: dict, dtype):
+    lib, cls = index[name]
+    folder = path / name
+    if not folder.is_dir():
+        raise UserError(f"{path} is missing the {name}/ folder that its model_index.json lists")
+    if cls in DIFFUSERS_CLASSES:
+        check_safetensors(folder.glob("*.safetensors"))
+        import diffusers
+
+        return getattr(diffusers, cls).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
+    if cls in TRANSFORMERS_CLASSES:
+        check_safetensors(folder.glob("*.safetensors"))
+        import transformers
+
+        return getattr(transformers, cls).from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
+    if name.startswith("tokenizer"):
+        import transformers
+
+        if cls.endswith("Processor"):
+            return transformers.AutoProcessor.from_pretrained(folder)
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    raise UserError(f"{folder} has component class {lib}.{cls}, which fluxlab does not load")
+
+
+def _quiet_libraries() -> None:
+    """Turn off the per-file progress bars diffusers and transformers print while loading."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_components(path: Path, dtype, device, transformer_file: str | None = None) -> Components:
+    _quiet_libraries()
+    index = _read_json(path / "model_index.json")
+    needed = ["transformer", "vae", "text_encoder", "tokenizer"]
+    if index.get("_class_name") in FLUX1_PIPELINES:
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [n for n in needed if n not in index]
+    if missing:
+        raise UserError(f"{path}/model_index.json lacks the component(s) {', '.join(missing)}")
+    if transformer_file:
+        transformer = load_transformer_file(transformer_file, path / "transformer", dtype)
+    else:
+        transformer = _component(path, "transformer", index, dtype)
+    parts = {n: _component(path, n, index, dtype) for n in needed if n != "transformer"}
+    parts["transformer"] = transformer
+    for n, m in parts.items():
+        if hasattr(m, "to") and not n.startswith("tokenizer"):
+            m.to(device)
+            m.requires_grad_(False)
+    sched = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(sched) if sched.is_file() else {}
+    return Components(scheduler_config=scheduler_config, **parts)
+
+
+def _bfl_to_diffusers(sd: dict, family: str) -> dict:
+    """Rename BFL (original) transformer keys to diffusers names, with diffusers' own converters."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    prefix = "model.diffusion_model."
+    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    if family == "flux2":
+        return sfu.convert_flux2_transformer_checkpoint_to_diffusers(sd)
+    return sfu.convert_flux_transformer_checkpoint_to_diffusers(sd)
+
+
+def load_transformer_file(file: str, config_dir: Path, dtype):
+    """A single-file transformer checkpoint (BFL or diffusers key names) on the base model's config."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    f = Path(file).expanduser()
+    if not f.is_file():
+        raise UserError(f"transformer file {file} does not exist")
+    if f.suffix != ".safetensors":
+        raise UserError(f"transformer file {file} is not a .safetensors file (fluxlab never loads pickle checkpoints)")
+    check_safetensors([f])
+    sd = load_file(str(f))
+    cfg = _read_json(config_dir / "config.json")
+    cls = cfg.get("_class_name")
+    if cls not in ("Flux2Transformer2DModel", "FluxTransformer2DModel"):
+        raise UserError(f"{config_dir}/config.json describes {cls}, not a FLUX transformer")
+    family = "flux2" if cls == "Flux2Transformer2DModel" else "flux1"
+    if any(k.startswith(("double_blocks.", "single_blocks.", "model.diffusion_model.")) for k in sd):
+        try:
+            sd = _bfl_to_diffusers(sd, family)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"{file} has BFL-style keys that do not fit a {family} transformer ({e})") from None
+    model_cls = getattr(diffusers, cls)
+    with torch.device("meta"):
+        model = model_cls.from_config(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{file} does not fit this {family} transformer: {len(missing)} missing keys"
+            f"{' (e.g. ' + missing[0] + ')' if missing else ''}, {len(unexpected)} unexpected"
+            f"{' (e.g. ' + unexpected[0] + ')' if unexpected else ''}"
+        )
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            want = tuple(expected[k].shape)
+            raise UserError(f"{file}: {k} has shape {tuple(v.shape)}, the base model expects {want}")
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model.to(dtype).eval()

@@ -1,0 +1,241 @@
+"""Tiny random FLUX pipelines, built locally with no download, saved in diffusers format.
+
+Tests, quick benchmarks and examples need real pipelines that both fluxlab and diffusers can load. Real
+weights live behind a hub; these builders make the same architectures at toy size (1 block of each kind,
+2 heads, word-level tokenizers trained on a handful of sentences), deterministically from a seed.
+
+    from fluxlab.tiny import build_tiny
+    path = build_tiny("flux2-klein", "/tmp/tiny-klein")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# A Qwen3-style chat template (the real one, reduced to the branch FLUX.2 klein uses: one user turn,
+# generation prompt, thinking disabled, which emits an empty <think></think> block).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+CORPUS = [
+    "a red circle in the top left on a white background",
+    "a blue square in the center on a black background",
+    "a green triangle at the bottom right on a yellow background",
+    "a photo of a cat holding a sign that says hello world",
+    "portrait of a renaissance nobleman, oil painting style",
+    "a watercolor landscape with mountains and a lake at sunset",
+]
+
+KINDS = ("flux2-klein", "flux2-klein-base", "flux1-schnell", "flux1-dev")
+
+# Scheduler configs as published with the real models (FLUX.1-dev's is reused by FLUX.2).
+SHIFTED_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+SCHNELL_SCHEDULER = {**SHIFTED_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+
+
+def _word_tokenizer(specials: list[str], unk: str, **kwargs):
+    """A word-level fast tokenizer trained on CORPUS (plus the chat-template words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=[unk, *specials])
+    tok.train_from_iterator([*CORPUS, "user assistant system think"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **kwargs)
+
+
+def _with_eos(tokenizer, eos: str):
+    """Append EOS to every encoded sequence, as T5 and CLIP tokenizers do."""
+    from tokenizers import processors
+
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, eos_id)]
+    )
+    return tokenizer
+
+
+def tiny_flux2_components(distilled: bool = True, seed: int = 0, text_layers: int = 4):
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _word_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        unk="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    )
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    hidden = 16
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=32,
+            num_hidden_layers=text_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * hidden,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(4, 8, 8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    # Random batch-norm statistics, so the latent (de)normalisation is exercised, not the identity.
+    g = torch.Generator().manual_seed(seed + 3)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=g) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(**SHIFTED_SCHEDULER)
+    return dict(
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer.eval(),
+        is_distilled=distilled,
+    )
+
+
+def tiny_flux1_components(guidance_embeds: bool, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok = _with_eos(
+        _word_tokenizer(["<|endoftext|>", "<|startoftext|>"], unk="<unk>", pad_token="<|endoftext|>",
+                        eos_token="<|endoftext|>", model_max_length=77),
+        "<|endoftext|>",
+    )
+    t5_tok = _with_eos(
+        _word_tokenizer(["<pad>", "</s>"], unk="<unk>", pad_token="<pad>", eos_token="</s>",
+                        model_max_length=512),
+        "</s>",
+    )
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+            bos_token_id=clip_tok.convert_tokens_to_ids("<|startoftext|>"),
+        )
+    ).eval()
+    torch.manual_seed(seed + 1)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**(SHIFTED_SCHEDULER if guidance_embeds else SCHNELL_SCHEDULER))
+    return dict(
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer.eval(),
+    )
+
+
+def build_pipeline(kind: str, seed: int = 0):
+    """The diffusers pipeline object for a tiny model of `kind` (one of KINDS)."""
+    from diffusers import Flux2KleinPipeline, FluxPipeline
+
+    if kind == "flux2-klein":
+        return Flux2KleinPipeline(**tiny_flux2_components(distilled=True, seed=seed))
+    if kind == "flux2-klein-base":
+        return Flux2KleinPipeline(**tiny_flux2_components(distilled=False, seed=seed))
+    if kind == "flux1-schnell":
+        return FluxPipeline(**tiny_flux1_components(guidance_embeds=False, seed=seed))
+    if kind == "flux1-dev":
+        return FluxPipeline(**tiny_flux1_components(guidance_embeds=True, seed=seed))
+    raise ValueError(f"unknown tiny model kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def build_tiny(kind: str, path: str | Path, seed: int = 0) -> Path:
+    """Build a tiny random pipeline of `kind` and save it in diffusers format at `path`."""
+    path = Path(path)
+    pipe = build_pipeline(kind, seed=seed)
+    pipe.save_pretrained(path, safe_serialization=True)
+    # Record what this is, for people who find the folder later.
+    (path / "TINY.json").write_text(json.dumps({"kind": kind, "seed": seed, "random_weights": True}) + "\n")
+    return path

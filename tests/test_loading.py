@@ -1,0 +1,102 @@
+"""Loading: directories, single-file transformers in both key styles, and the encoder-layer rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fluxlab.catalog import CATALOG, text_encoder_layers
+from fluxlab.errors import UserError
+from fluxlab.keys import flux2_to_bfl
+from fluxlab.loading import derive_spec, load_transformer_file, locate
+
+
+def test_encoder_layers_rule_reproduces_the_reference_choices():
+    assert text_encoder_layers(36) == (9, 18, 27)  # Qwen3-4B and Qwen3-8B (klein)
+    assert text_encoder_layers(40) == (10, 20, 30)  # Mistral Small 3.2 (FLUX.2 dev)
+
+
+def test_directory_specs_follow_their_files(tiny_dirs):
+    klein = derive_spec(tiny_dirs["flux2-klein"])
+    base = derive_spec(tiny_dirs["flux2-klein-base"])
+    schnell = derive_spec(tiny_dirs["flux1-schnell"])
+    dev = derive_spec(tiny_dirs["flux1-dev"])
+    assert (klein.family, klein.guidance_mode, klein.steps) == ("flux2", "none", 4)
+    assert (base.guidance_mode, base.steps, base.guidance) == ("cfg", 50, 4.0)
+    assert (schnell.family, schnell.guidance_mode, schnell.max_sequence_length) == ("flux1", "none", 256)
+    assert (dev.guidance_mode, dev.guidance, dev.max_sequence_length) == ("embedded", 3.5, 512)
+
+
+def test_catalog_defaults():
+    c = CATALOG
+    assert (c["flux2-klein-4b"].steps, c["flux2-klein-4b"].guidance_mode) == (4, "none")
+    assert c["flux2-klein-9b"].text_encoder == "Qwen/Qwen3-8B" and c["flux2-klein-4b"].text_encoder == "Qwen/Qwen3-4B"
+    assert (c["flux2-klein-base-9b"].steps, c["flux2-klein-base-9b"].guidance) == (50, 4.0)
+    assert (c["flux2-dev"].guidance_mode, c["flux2-dev"].guidance) == ("embedded", 4.0)
+    assert (c["flux1-schnell"].max_sequence_length, c["flux1-dev"].max_sequence_length) == (256, 512)
+    assert c["flux1-dev"].gated and not c["flux1-schnell"].gated
+    assert all(m.sizes_gb["transformer"] > 1 for m in c.values())
+
+
+def test_hub_repo_ids_and_paths_are_told_apart(tmp_path):
+    assert locate("someone/my-flux").repo == "someone/my-flux"
+    assert locate("flux1-dev").spec is CATALOG["flux1-dev"]
+    with pytest.raises(UserError, match="does not exist"):
+        locate(str(tmp_path / "nothere"))
+
+
+@pytest.fixture(scope="module")
+def klein_sd(tiny_pipes):
+    return {k: v.clone() for k, v in tiny_pipes["flux2-klein"].components.transformer.state_dict().items()}
+
+
+def _perturbed(sd):
+    g = torch.Generator().manual_seed(0)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("style", ["diffusers", "bfl", "bfl-comfy-prefix"])
+def test_single_file_transformer_in_either_key_style(tiny_dirs, tmp_path, klein_sd, style):
+    new = _perturbed(klein_sd)
+    sd = new if style == "diffusers" else flux2_to_bfl(new)
+    if style == "bfl-comfy-prefix":
+        sd = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    f = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, f)
+    model = load_transformer_file(str(f), tiny_dirs["flux2-klein"] / "transformer", torch.float32)
+    loaded = model.state_dict()
+    assert set(loaded) == set(new)
+    for k in new:
+        assert torch.equal(loaded[k], new[k]), k
+
+
+def test_single_file_changes_the_generation(tiny_dirs, tmp_path, klein_sd):
+    import fluxlab
+
+    f = tmp_path / "t.safetensors"
+    save_file(_perturbed(klein_sd), f)
+    kw = dict(prompt="a cat", width=64, height=64, seed=1)
+    base = fluxlab.load(str(tiny_dirs["flux2-klein"]), device="cpu", dtype="fp32")
+    swapped = fluxlab.load(str(tiny_dirs["flux2-klein"]), device="cpu", dtype="fp32", transformer=str(f))
+    a, b = base.generate(**kw)[0], swapped.generate(**kw)[0]
+    assert (a.latents - b.latents).abs().max() > 1e-3
+    assert b.metadata["transformer_file"] == str(f)
+
+
+def test_single_file_errors(tiny_dirs, tmp_path, tiny_pipes):
+    cfg = tiny_dirs["flux2-klein"] / "transformer"
+    with pytest.raises(UserError, match="does not exist"):
+        load_transformer_file(str(tmp_path / "none.safetensors"), cfg, torch.float32)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04pickle")
+    with pytest.raises(UserError, match="never loads pickle"):
+        load_transformer_file(str(ckpt), cfg, torch.float32)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not a safetensors file")
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        load_transformer_file(str(bad), cfg, torch.float32)
+    flux1 = tmp_path / "flux1.safetensors"
+    save_file(tiny_pipes["flux1-dev"].components.transformer.state_dict(), flux1)
+    with pytest.raises(UserError, match="does not fit this flux2 transformer"):
+        load_transformer_file(str(flux1), cfg, torch.float32)
