@@ -31,7 +31,16 @@ CORPUS = [
     "a watercolor landscape with mountains and a lake at sunset",
 ]
 
-KINDS = ("flux2-klein", "flux2-klein-base", "flux1-schnell", "flux1-dev")
+KINDS = ("flux2-klein", "flux2-klein-base", "flux2-dev", "flux1-schnell", "flux1-dev")
+
+# A Mistral-style chat template for the tiny FLUX.2 [dev] encoder: system and user turns whose content is a
+# list of typed parts, as diffusers' Flux2Pipeline formats them.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}[/SYSTEM_PROMPT]{% else %}[INST]"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}"
+    "[/INST]{% endif %}{% endfor %}"
+)
 
 # Scheduler configs as published with the real models (FLUX.1-dev's is reused by FLUX.2).
 SHIFTED_SCHEDULER = {
@@ -132,6 +141,41 @@ def tiny_flux2_components(distilled: bool = True, seed: int = 0, text_layers: in
     )
 
 
+def tiny_flux2_dev_components(seed: int = 0, text_layers: int = 4):
+    """FLUX.2 [dev] at toy size: a Mistral3 encoder and a guidance-embedding transformer.
+
+    The real model pairs Mistral with a PixtralProcessor, which needs torchvision; the pipeline only calls its
+    chat template, so a plain tokenizer with a Mistral-style template stands in for it here.
+    """
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    parts = tiny_flux2_components(distilled=False, seed=seed, text_layers=text_layers)
+    tokenizer = _word_tokenizer(
+        ["<pad>", "<s>", "</s>", "[IMG]", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"],
+        unk="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+    )
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    hidden = parts["text_encoder"].config.hidden_size
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(
+            text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden,
+                             intermediate_size=32, num_hidden_layers=text_layers, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
+            vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=32, patch_size=4, head_dim=8),
+            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+            spatial_merge_size=1,
+        )
+    ).eval()
+    t = parts["transformer"]
+    torch.manual_seed(seed + 1)
+    transformer = type(t)(**{**t.config, "guidance_embeds": True}).eval()
+    del parts["is_distilled"]
+    return {**parts, "text_encoder": text_encoder, "tokenizer": tokenizer, "transformer": transformer}
+
+
 def tiny_flux1_components(guidance_embeds: bool, seed: int = 0):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -218,17 +262,19 @@ def tiny_flux1_components(guidance_embeds: bool, seed: int = 0):
 
 def build_pipeline(kind: str, seed: int = 0):
     """The diffusers pipeline object for a tiny model of `kind` (one of KINDS)."""
-    from diffusers import Flux2KleinPipeline, FluxPipeline
+    import diffusers
 
-    if kind == "flux2-klein":
-        return Flux2KleinPipeline(**tiny_flux2_components(distilled=True, seed=seed))
-    if kind == "flux2-klein-base":
-        return Flux2KleinPipeline(**tiny_flux2_components(distilled=False, seed=seed))
-    if kind == "flux1-schnell":
-        return FluxPipeline(**tiny_flux1_components(guidance_embeds=False, seed=seed))
-    if kind == "flux1-dev":
-        return FluxPipeline(**tiny_flux1_components(guidance_embeds=True, seed=seed))
-    raise ValueError(f"unknown tiny model kind {kind!r}; valid: {', '.join(KINDS)}")
+    builders = {
+        "flux2-klein": ("Flux2KleinPipeline", lambda: tiny_flux2_components(distilled=True, seed=seed)),
+        "flux2-klein-base": ("Flux2KleinPipeline", lambda: tiny_flux2_components(distilled=False, seed=seed)),
+        "flux2-dev": ("Flux2Pipeline", lambda: tiny_flux2_dev_components(seed=seed)),
+        "flux1-schnell": ("FluxPipeline", lambda: tiny_flux1_components(guidance_embeds=False, seed=seed)),
+        "flux1-dev": ("FluxPipeline", lambda: tiny_flux1_components(guidance_embeds=True, seed=seed)),
+    }
+    if kind not in builders:
+        raise ValueError(f"unknown tiny model kind {kind!r}; valid: {', '.join(KINDS)}")
+    cls, parts = builders[kind]
+    return getattr(diffusers, cls)(**parts())
 
 
 def build_tiny(kind: str, path: str | Path, seed: int = 0) -> Path:

@@ -31,6 +31,12 @@ def _reference(kind, path, steps, guidance, negative=None):
         return ref(generator=gens, output_type=output_type, **kw).images
 
     lat = run("latent")
+    if kind == "flux2-dev":  # Flux2Pipeline returns packed tokens: scatter, undo batch-norm and patchify
+        b, _, c = lat.shape
+        z = ref._unpack_latents_with_ids(lat, ref._prepare_latent_ids(torch.zeros(b, c, H // 16, W // 16)))
+        bn = ref.vae.bn
+        z = z * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + ref.vae.config.batch_norm_eps)
+        lat = ref._unpatchify_latents(z + bn.running_mean.view(1, -1, 1, 1))
     if kind.startswith("flux1"):  # FluxPipeline returns packed tokens; bring them to the VAE's input form
         lat = ref._unpack_latents(lat, H, W, ref.vae_scale_factor)
         lat = lat / ref.vae.config.scaling_factor + ref.vae.config.shift_factor
@@ -42,6 +48,7 @@ def _reference(kind, path, steps, guidance, negative=None):
     [
         ("flux2-klein", 4, 1.0, None),
         ("flux2-klein-base", 3, 4.0, "blurry, low quality"),
+        ("flux2-dev", 3, 2.5, None),
         ("flux1-schnell", 4, 0.0, None),
         ("flux1-dev", 3, 3.5, None),
     ],
@@ -90,3 +97,11 @@ def test_noise_is_drawn_on_cpu_generator(tiny_pipes):
     g = torch.Generator("cpu").manual_seed(123)
     expect = torch.randn((1, fam.latent_channels, H // 16, W // 16), generator=g)
     assert torch.equal(x, expect.flatten(2).transpose(1, 2))
+
+
+def test_mistral_system_message_is_the_reference_text():
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    from fluxlab.families.flux2 import MISTRAL_SYSTEM_MESSAGE
+
+    assert MISTRAL_SYSTEM_MESSAGE == SYSTEM_MESSAGE

@@ -16,9 +16,10 @@ from ..catalog import text_encoder_layers
 from . import Conditioning
 
 # FLUX.2 [dev]'s system message for Mistral (BFL flux2 text_encoder.py, also in diffusers' system_messages).
+# The line break after "object" is part of the reference text (and so of the tokens the model was trained on).
 MISTRAL_SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
-    "relationships, object attribution and actions without speculation."
+    "relationships, object\nattribution and actions without speculation."
 )
 
 
@@ -34,11 +35,13 @@ class Flux2:
         self.vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
         self.latent_channels = c.transformer.config.in_channels  # after the 2x2 patchify
         self.guidance_embeds = bool(c.transformer.config.guidance_embeds)
+        # FLUX.2 [dev] pairs with Mistral (system + user turns, content lists); klein with Qwen3 (one user turn).
+        self.mistral = getattr(cfg, "model_type", "") == "mistral3"
 
     # -- prompt -------------------------------------------------------------------------------------
     def _tokenize(self, prompts: list[str]):
         tok = self.c.tokenizer
-        if hasattr(tok, "tokenizer") and hasattr(tok, "image_processor"):  # a Mistral processor (FLUX.2 dev)
+        if self.mistral:
             messages = [
                 [
                     {"role": "system", "content": [{"type": "text", "text": MISTRAL_SYSTEM_MESSAGE}]},
