@@ -6,7 +6,10 @@ answers instantly.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +36,43 @@ def _say(msg: str) -> None:
 Opt = typer.Option
 
 
+def _request_fields(prompt, width, height, aspect, steps, guidance, negative, seed, seeds, num_images, sampler,
+                    schedule, eta, preset, template) -> dict:
+    """The request fields the user actually gave (None = not given), with --seeds parsed."""
+    fields = dict(prompt=prompt, width=width, height=height, aspect=aspect, steps=steps, guidance=guidance,
+                  negative=negative, seed=seed, num_images=num_images, sampler=sampler, schedule=schedule, eta=eta,
+                  preset=preset, template=template)
+    if seeds is not None:
+        fields["seeds"] = parse_int_list(seeds, "--seeds")
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of whole numbers, e.g. 1,5,9") from None
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {path} ({e})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompt file {path} has no prompts (blank lines and # comments are skipped)")
+    return prompts
+
+
+SAMPLER_HELP = ("euler (reference) | heun | dpmpp_2m | ddim (on a rectified flow DDIM's update equals Euler's; "
+                "kept for the familiar name) | euler_ancestral (stochastic, see --eta).")
+
+
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
@@ -45,7 +85,15 @@ def generate(
     guidance: Annotated[float | None, Opt(help="Guidance scale (default: the model's).")] = None,
     negative: Annotated[str | None, Opt(help="Negative prompt (base models with real CFG).")] = None,
     seed: Annotated[int | None, Opt(help="Seed 0..4294967295 (random when omitted).")] = None,
-    num_images: Annotated[int, Opt("-n", "--num-images", help="Images with seeds S, S+1, ...")] = 1,
+    seeds: Annotated[str | None, Opt(help="Explicit seeds, e.g. 1,5,9 (one image each).")] = None,
+    num_images: Annotated[int | None, Opt("-n", "--num-images", help="Images with seeds S, S+1, ...")] = None,
+    prompt_file: Annotated[str | None, Opt(help="Prompts, one per line (# comments and blanks skipped).")] = None,
+    batch_size: Annotated[int | None, Opt(help="Images per forward pass (default: from free memory).")] = None,
+    sampler: Annotated[str | None, Opt(help=SAMPLER_HELP)] = None,
+    schedule: Annotated[str | None, Opt(help="default (the model's) | linear | shift:S.")] = None,
+    eta: Annotated[float | None, Opt(help="Re-noising for stochastic samplers, 0..1 (default 1).")] = None,
+    preset: Annotated[str | None, Opt(help="preview | balanced | quality, or a saved preset.")] = None,
+    template: Annotated[str | None, Opt(help="Prompt template: photo, oil-painting, ... or a saved one.")] = None,
     dtype: Annotated[str, Opt(help="auto|bf16|fp16|fp32 (auto: bf16 where fast).")] = "auto",
     device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
     out_path: Annotated[str | None, Opt("-o", "--out", help="FILE.png or a directory (default: outputs/).")] =
@@ -53,32 +101,32 @@ def generate(
     transformer: Annotated[str | None, Opt(help="Single-file transformer .safetensors over the base model.")] =
         None,
     from_image: Annotated[str | None, Opt("--from", help="Regenerate a fluxlab PNG with its settings.")] = None,
+    previews: Annotated[str | None, Opt(help="Save each step's clean estimate as PNGs in this directory.")] = None,
+    preview_every: Annotated[int, Opt(help="Decode previews with the VAE every k steps (0: cheap only).")] = 0,
+    report: Annotated[str | None, Opt(help="Write timings and peak memory as JSON to this file.")] = None,
     reproducible: Annotated[bool, Opt(help="Leave run timings out of the PNG: same request, same bytes.")] =
         False,
     quiet: Annotated[bool, Opt("-q", "--quiet", help="Print only the written paths.")] = False,
 ):
-    """Generate images from a text prompt."""
+    """Generate images from a text prompt (or a prompt file)."""
     from .request import make_request
 
-    given = {k: v for k, v in dict(prompt=prompt, width=width, height=height, aspect=aspect, steps=steps,
-                                   guidance=guidance, negative=negative, seed=seed).items() if v is not None}
+    given = _request_fields(prompt, width, height, aspect, steps, guidance, negative, seed, seeds, num_images,
+                            sampler, schedule, eta, preset, template)
     if from_image:
-        from .output import read_metadata
-
-        meta = read_metadata(from_image)
-        base = {k: meta[k] for k in ("prompt", "negative", "width", "height", "steps", "guidance", "seed")
-                if meta.get(k) is not None}
-        if "aspect" in given:
-            base.pop("width"), base.pop("height")
-        given = {**base, **given}
-        model = meta["model"] if model == "flux2-klein-4b" else model
-        transformer = transformer or meta.get("transformer_file")
-        dtype = meta.get("dtype", dtype) if dtype == "auto" else dtype
-    if "prompt" not in given:
-        raise UserError("no prompt given: fluxlab generate \"a prompt\" (or --from IMAGE.png)")
-    if num_images != 1:
-        given["num_images"] = num_images
-    req = make_request(**given)
+        model, transformer, dtype, given = _from_image(from_image, model, transformer, dtype, given)
+    prompts = [given.pop("prompt")] if "prompt" in given else []
+    if prompt_file:
+        if prompts:
+            raise UserError("give either a prompt or --prompt-file, not both")
+        prompts = read_prompt_file(prompt_file)
+    if not prompts:
+        raise UserError("no prompt given: fluxlab generate \"a prompt\" (or --prompt-file FILE, or --from IMAGE.png)")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} is invalid; it must be 1 or more")
+    if preview_every < 0:
+        raise UserError(f"--preview-every {preview_every} is invalid; it must be 0 or more")
+    requests = [make_request(prompt=p, **given) for p in prompts]
 
     # Validate against the model before loading any weights, so bad input fails in milliseconds.
     from .loading import locate
@@ -86,26 +134,149 @@ def generate(
 
     source = locate(model)
     if source.spec is not None:  # known before download: catalog names and local directories
-        resolve(req, source.spec)
+        for r in requests:
+            resolve(r, source.spec)
 
+    from .monitor import PeakMemory
     from .output import output_paths, save_png
     from .pipeline import load
 
     notify = (lambda m: None) if quiet else _say
     with err.status("loading model...", spinner="dots") if not quiet and err.is_terminal else _nullctx():
         pipe = load(model, device=device, dtype=dtype, transformer=transformer, notify=notify)
-    job = resolve(req, pipe.spec)
-    paths = output_paths(out_path, len(job.seeds), job.seeds)
-    results = pipe.generate(req)
-    for r, p in zip(results, paths, strict=True):
-        save_png(r.image, p, r.metadata, None if reproducible else r.timings)
-        if quiet:
-            out.print(str(p))
-        else:
-            out.print(f"wrote {p}  (seed {r.seed}, {job.width}x{job.height}, {job.steps} steps)")
+    jobs = [resolve(r, pipe.spec) for r in requests]
+    total = sum(len(j.seeds) for j in jobs)
+    paths = iter(output_paths(out_path, total, [s for j in jobs for s in j.seeds]))
+    previewer = _Previewer(pipe, previews, preview_every) if previews else None
+    written, rows = [], []
+    with PeakMemory(pipe.device) as peak, _progress(quiet) as bar:
+        for n, (r, job) in enumerate(zip(requests, jobs, strict=True)):
+            for res in pipe.generate_iter(r, batch_size=batch_size, callback=_step_callback(bar, previewer, job)):
+                p = next(paths)
+                t0 = time.perf_counter()
+                save_png(res.image, p, res.metadata, None if reproducible else res.timings)
+                rows.append({**res.timings, "save": round(time.perf_counter() - t0, 4), "seed": res.seed,
+                             "path": str(p), "batch": (n, res.batch)})
+                written.append(p)
+                if quiet:
+                    out.print(str(p))
+                else:
+                    out.print(f"wrote {p}  (seed {res.seed}, {job.width}x{job.height}, {job.steps} steps)")
+    summary = _summary(rows, peak, pipe)
     if not quiet:
-        t = results[0].timings
-        err.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "validate"))
+        _print_summary(summary)
+    if report:
+        from .output import atomic_write
+
+        atomic_write(Path(report), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def _from_image(path, model, transformer, dtype, given):
+    """Settings recorded in a fluxlab PNG, under the flags given now (which win)."""
+    from .output import read_metadata
+
+    meta = read_metadata(path)
+    base = {k: meta[k] for k in ("prompt", "negative", "width", "height", "steps", "guidance", "seed", "sampler",
+                                 "eta") if meta.get(k) is not None}
+    if isinstance(meta.get("schedule"), dict):
+        base["schedule"] = meta["schedule"].get("name", "default")
+    if "aspect" in given or "preset" in given:
+        base.pop("width", None), base.pop("height", None)
+    if "seeds" in given:
+        base.pop("seed", None)
+    model = meta["model"] if model == "flux2-klein-4b" else model
+    transformer = transformer or meta.get("transformer_file")
+    dtype = meta.get("dtype", dtype) if dtype == "auto" else dtype
+    return model, transformer, dtype, {**base, **given}
+
+
+class _Previewer:
+    """Writes each step's clean estimate: cheap projection every step, the VAE every k steps."""
+
+    def __init__(self, pipe, folder: str, every: int):
+        self.pipe, self.dir, self.every = pipe, Path(folder), every
+
+    def __call__(self, info, job):
+        from .output import save_png
+
+        i = info["i"]
+        use_vae = self.every > 0 and (i + 1) % self.every == 0
+        for img, seed in zip(self.pipe.preview(info["denoised"], job, use_vae=use_vae), info["seeds"], strict=True):
+            kind = "vae" if use_vae else "fast"
+            save_png(img, self.dir / f"seed{seed}-step{i + 1:03d}-{kind}.png", {"seed": seed, "step": i + 1})
+
+
+def _step_callback(bar, previewer, job):
+    state = {}
+
+    def cb(info):
+        if bar is not None:
+            key = info["seeds"]
+            if state.get("key") != key:
+                state["key"] = key
+                state["task"] = bar.add_task(f"seed {', '.join(map(str, key))}", total=info["steps"])
+            bar.update(state["task"], completed=info["i"] + 1)
+        if previewer is not None:
+            previewer(info, job)
+
+    return cb
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool):
+    """A rich progress bar on a terminal; nothing when quiet or when stderr is not a terminal."""
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    class Rate(TextColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            from rich.text import Text
+
+            return Text(f"{speed:.2f} it/s" if speed else "-- it/s")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(""),
+                  TimeRemainingColumn(), console=err, transient=False) as bar:
+        yield bar
+
+
+def _summary(rows, peak, pipe) -> dict:
+    phases = ("load", "encode", "prepare", "denoise", "decode", "save")
+    total = {k: 0.0 for k in phases}
+    seen_batches = set()
+    for r in rows:
+        if r["batch"] not in seen_batches:  # images of one batch share the batch's phase times
+            seen_batches.add(r["batch"])
+            for k in ("encode", "prepare", "denoise", "decode"):
+                total[k] += r.get(k) or 0.0
+        total["save"] += r["save"]
+    total["load"] = rows[0]["load"] if rows else 0.0
+    return {
+        "images": len(rows),
+        "phases_s": {k: round(v, 4) for k, v in total.items()},
+        "it_per_s": [r.get("it_per_s") for r in rows],
+        "peak_host_rss_bytes": peak.host_peak,
+        "peak_device_bytes": peak.device_peak,
+        "device": str(pipe.device),
+        "images_written": [r["path"] for r in rows],
+    }
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    t = Table("phase", "seconds", title="timings", title_justify="left")
+    for k, v in summary["phases_s"].items():
+        t.add_row(k, f"{v:.2f}")
+    rates = [r for r in summary["it_per_s"] if r]
+    if rates:
+        t.add_row("denoise rate", f"{sum(rates) / len(rates):.2f} it/s")
+    t.add_row("peak host RSS", f"{summary['peak_host_rss_bytes'] / 2**30:.2f} GiB")
+    if summary["peak_device_bytes"] is not None:
+        t.add_row("peak device memory", f"{summary['peak_device_bytes'] / 2**30:.2f} GiB")
+    err.print(t)
 
 
 class _nullctx:
@@ -182,10 +353,159 @@ def show(
         out.print(f"[bold]{k:>16}[/bold]  {v}")
 
 
+@app.command()
+def grid(
+    prompt: Annotated[str, typer.Argument(help="The prompt every cell shares.")],
+    x: Annotated[str, Opt("--x", help="Column axis FIELD=V1,V2,... e.g. steps=10,25,50.")],
+    y: Annotated[str | None, Opt("--y", help="Row axis, e.g. guidance=3,7,12.")] = None,
+    model: Annotated[str, Opt("-m", "--model")] = "flux2-klein-4b",
+    width: Annotated[int | None, Opt("-W", "--width")] = None,
+    height: Annotated[int | None, Opt("-H", "--height")] = None,
+    steps: Annotated[int | None, Opt()] = None,
+    guidance: Annotated[float | None, Opt()] = None,
+    negative: Annotated[str | None, Opt()] = None,
+    seed: Annotated[int, Opt(help="The seed every cell shares (unless an axis varies it).")] = 0,
+    sampler: Annotated[str | None, Opt(help=SAMPLER_HELP)] = None,
+    schedule: Annotated[str | None, Opt()] = None,
+    preset: Annotated[str | None, Opt()] = None,
+    template: Annotated[str | None, Opt()] = None,
+    dtype: Annotated[str, Opt()] = "auto",
+    device: Annotated[str, Opt()] = "auto",
+    transformer: Annotated[str | None, Opt()] = None,
+    out_dir: Annotated[str, Opt("-o", "--out", help="Directory for the cells, sheet.png and grid.csv.")] = "grid",
+    quiet: Annotated[bool, Opt("-q", "--quiet")] = False,
+):
+    """Vary one or two settings over a grid: every cell's image, a labelled contact sheet and a CSV."""
+    from .grid import contact_sheet, parse_axis, plan_cells, run_grid, write_csv
+    from .loading import locate
+    from .output import save_png
+    from .request import make_request, resolve
+
+    ax, ay = parse_axis(x), (parse_axis(y) if y else None)
+    if ay and ay.field == ax.field:
+        raise UserError(f"both axes vary {ax.field}; choose two different fields")
+    base = _request_fields(prompt, width, height, None, steps, guidance, negative, seed, None, None, sampler,
+                           schedule, None, preset, template)
+    cells = plan_cells(base, ax, ay)
+    source = locate(model)
+    for cell in cells:  # every cell is checked before any weights load
+        req = make_request(**cell.fields)
+        if source.spec is not None:
+            resolve(req, source.spec)
+
+    from .pipeline import load
+
+    notify = (lambda m: None) if quiet else _say
+    pipe = load(model, device=device, dtype=dtype, transformer=transformer, notify=notify)
+    folder = Path(out_dir)
+
+    def said(cell):
+        if not quiet:
+            out.print(f"cell r{cell.row} c{cell.col}: {cell.seconds:.2f} s -> {cell.path}")
+
+    run_grid(pipe, cells, folder, on_cell=said)
+    write_csv(cells, ax, ay, folder / "grid.csv")
+    title = f"{prompt} | {pipe.label} | seed {seed}"
+    save_png(contact_sheet(cells, ax, ay, title), folder / "sheet.png", {"grid": {"x": x, "y": y}, "prompt": prompt})
+    out.print(f"wrote {len(cells)} images, {folder / 'sheet.png'} and {folder / 'grid.csv'}")
+
+
+preset_app = typer.Typer(help="Named sets of generation settings (stored in your config directory).",
+                         no_args_is_help=True)
+template_app = typer.Typer(help="Prompt templates with a {prompt} placeholder.", no_args_is_help=True)
+app.add_typer(preset_app, name="preset")
+app.add_typer(template_app, name="template")
+
+
+@preset_app.command("save")
+def preset_save(
+    name: Annotated[str, typer.Argument(help="Preset name.")],
+    width: Annotated[int | None, Opt("-W", "--width")] = None,
+    height: Annotated[int | None, Opt("-H", "--height")] = None,
+    aspect: Annotated[str | None, Opt()] = None,
+    steps: Annotated[int | None, Opt()] = None,
+    guidance: Annotated[float | None, Opt()] = None,
+    negative: Annotated[str | None, Opt()] = None,
+    sampler: Annotated[str | None, Opt(help=SAMPLER_HELP)] = None,
+    schedule: Annotated[str | None, Opt()] = None,
+    eta: Annotated[float | None, Opt()] = None,
+):
+    """Save the given flags as a preset (use it with generate --preset NAME)."""
+    from .presets import save_preset
+    from .request import make_request
+
+    values = {k: v for k, v in dict(width=width, height=height, aspect=aspect, steps=steps, guidance=guidance,
+                                     negative=negative, sampler=sampler, schedule=schedule, eta=eta).items()
+              if v is not None}
+    make_request(prompt="", **values)  # the same type checks as a generation request
+    if sampler:
+        from .sampling import get_sampler
+
+        get_sampler(sampler)
+    if schedule:
+        from .request import parse_schedule
+
+        parse_schedule(schedule)
+    f = save_preset(name, values)
+    out.print(f"saved preset {name} to {f}")
+
+
+@preset_app.command("list")
+def preset_list():
+    """Built-in and saved presets."""
+    from .presets import BUILTIN_PRESETS, user_presets
+
+    for kind, presets in BUILTIN_PRESETS.items():
+        label = "distilled models (fixed steps: size changes)" if kind == "distilled" else "other models"
+        for name, values in presets.items():
+            out.print(f"{name:<12} built-in, {label}: {values}")
+    for name, values in user_presets().items():
+        out.print(f"{name:<12} saved: {values}")
+
+
+@preset_app.command("delete")
+def preset_delete(name: Annotated[str, typer.Argument()]):
+    """Delete a saved preset."""
+    from .presets import delete_preset
+
+    delete_preset(name)
+    out.print(f"deleted preset {name}")
+
+
+@template_app.command("save")
+def template_save(name: Annotated[str, typer.Argument()], text: Annotated[str, typer.Argument()]):
+    """Save a template; {prompt} marks where the prompt goes."""
+    from .presets import save_template
+
+    out.print(f"saved template {name} to {save_template(name, text)}")
+
+
+@template_app.command("list")
+def template_list():
+    """Built-in and saved templates."""
+    from .presets import BUILTIN_TEMPLATES, user_templates
+
+    for name, text in {**BUILTIN_TEMPLATES, **user_templates()}.items():
+        out.print(f"[bold]{name}[/bold]: {text}")
+
+
+@template_app.command("delete")
+def template_delete(name: Annotated[str, typer.Argument()]):
+    """Delete a saved template."""
+    from .presets import delete_template
+
+    delete_template(name)
+    out.print(f"deleted template {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry: one line and exit 2 for user errors, 130 on Ctrl-C, never a traceback for those."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode typer returns the exit code (130 after Ctrl-C) instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code == 130:
+            err.print("interrupted")
+        return code if isinstance(code, int) else 0
     except UserError as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
@@ -200,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as e:
         return e.exit_code
-    return 0
 
 
 def run() -> None:

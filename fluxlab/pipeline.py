@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +31,8 @@ class Result:
     seed: int
     metadata: dict
     latents: Any = None  # the denormalised latents the VAE decoded (B=1), for inspection and parity checks
-    timings: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # of the batch this image was made in
+    batch: int = 0  # which forward-pass batch of its request produced it
 
 
 @contextmanager
@@ -67,6 +68,8 @@ class Pipeline:
         self.notify = notify or log.warning
         self.family = get_family(spec.family)(components, max_sequence_length=spec.max_sequence_length)
         self._prompt_cache: dict[str, Conditioning] = {}
+        self._rgb = None  # latent -> RGB preview projection, fitted on first use
+        self.encode_seconds = 0.0
 
     # -- stages -------------------------------------------------------------------------------------
     def validate(self, request: GenerateRequest | None, fields: dict) -> Job:
@@ -91,26 +94,38 @@ class Pipeline:
         return Conditioning(torch.cat([c.embeds for c in parts]), ids, pooled)
 
     def schedule(self, job: Job):
-        """The sigmas (float32 tensor, N+1 values from 1 to 0) and the shift mu used to get them."""
+        """The sigmas (float32 tensor, N+1 values from 1 to 0) and the shift mu used (None if unshifted)."""
         import torch
 
-        from .schedule import flow_sigmas, flux1_mu, flux2_mu
+        from .request import parse_schedule
+        from .schedule import flow_sigmas, flux1_mu, flux2_mu, linear_sigmas
 
-        h, w = self.family.latent_grid(job.width, job.height)
-        cfg = self.components.scheduler_config or {}
-        mu = flux2_mu(h * w, job.steps) if self.spec.family == "flux2" else flux1_mu(h * w, cfg)
-        sigmas = flow_sigmas(job.steps, mu, cfg)
+        kind, shift = parse_schedule(job.schedule)
+        mu = None
+        if kind == "default":
+            h, w = self.family.latent_grid(job.width, job.height)
+            cfg = self.components.scheduler_config or {}
+            mu = flux2_mu(h * w, job.steps) if self.spec.family == "flux2" else flux1_mu(h * w, cfg)
+            sigmas = flow_sigmas(job.steps, mu, cfg)
+            mu = mu if cfg.get("use_dynamic_shifting", False) else None
+        elif kind == "linear":
+            sigmas = linear_sigmas(job.steps)
+        else:
+            sigmas = flow_sigmas(job.steps, None, {"use_dynamic_shifting": False, "shift": shift})
         return torch.from_numpy(sigmas).to(self.device), mu
 
-    def prepare_latents(self, job: Job, seeds):
-        x = self.family.noise(seeds, job.width, job.height, self.dtype).to(self.device)
-        return x, self.family.image_ids(len(seeds), job.width, job.height, self.device)
+    def prepare_latents(self, job: Job, generators):
+        """Starting noise, one CPU generator per image (so batching never changes an image)."""
+        x = self.family.noise(generators, job.width, job.height, self.dtype).to(self.device)
+        return x, self.family.image_ids(len(generators), job.width, job.height, self.device)
 
     def denoise(self, job: Job, x, img_ids, cond: Conditioning, uncond: Conditioning | None, sigmas,
-                callback=None):
-        from .sampling import sample_euler
+                generators=None, callback=None):
+        import torch
 
-        family, guidance = self.family, job.guidance
+        from .sampling import get_sampler
+
+        family, guidance, device = self.family, job.guidance, self.device
 
         def model(x, sigma):
             # The reference feeds the model sigma*1000 (float32), cast to the latents' dtype, then /1000.
@@ -121,50 +136,125 @@ class Pipeline:
                 v = v_u + guidance * (v - v_u)
             return v
 
-        return sample_euler(model, x, sigmas, callback=callback)
+        def noise(i, shape):  # fresh noise for stochastic samplers, continuing each image's own generator
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
+
+        sampler = get_sampler(job.sampler).fn
+        return sampler(model, x, sigmas, callback=callback, noise=noise, eta=job.eta)
 
     def decode(self, x, job: Job):
         z = self.family.unpack(x, job.width, job.height)
         return z, self.family.decode(z)
 
-    # -- the whole run ------------------------------------------------------------------------------
-    def generate(self, request: GenerateRequest | None = None, *, batch_size: int | None = None,
-                 callback: Callable | None = None, **fields) -> list[Result]:
-        """Generate images. Takes a GenerateRequest or its fields as keywords (prompt=..., width=...)."""
+    # -- previews -----------------------------------------------------------------------------------
+    def preview(self, denoised, job: Job, use_vae: bool = False) -> list:
+        """Images of the model's current clean estimate: the VAE decode, or a cheap linear projection."""
         import torch
 
-        timings: dict[str, float] = {}
-        with _timed(timings, "validate"):
-            job = self.validate(request, fields)
+        z = self.family.unpack(denoised, job.width, job.height)
+        if use_vae:
+            return to_pil(self.family.decode(z))
+        w, b = self._rgb_projection()
+        rgb = torch.einsum("bchw,cr->brhw", z.float(), w) + b.view(1, 3, 1, 1)
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=self.family.vae_scale, mode="nearest")
+        return to_pil(rgb)
+
+    def _rgb_projection(self):
+        """A least-squares map from this model's VAE latents to RGB, fitted once on synthetic images.
+
+        Fitted rather than hard-coded so that it is right for every VAE, real or tiny, with no tables to copy.
+        """
+        if self._rgb is None:
+            import torch
+
+            vae, scale = self.components.vae, self.family.vae_scale
+            g = torch.Generator().manual_seed(0)
+            size = 8 * scale
+            imgs = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g) * 2 - 1, size=(size, size),
+                                                   mode="bilinear", align_corners=False)
+            with torch.inference_mode():
+                z = vae.encode(imgs.to(self.device, vae.dtype)).latent_dist.mode().float().cpu()
+            target = torch.nn.functional.avg_pool2d(imgs, scale)
+            zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            zf = torch.cat([zf, torch.ones(zf.shape[0], 1)], dim=1)
+            sol = torch.linalg.lstsq(zf, target.permute(0, 2, 3, 1).reshape(-1, 3)).solution
+            self._rgb = (sol[:-1].to(self.device), sol[-1].to(self.device))
+        return self._rgb
+
+    # -- the whole run ------------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest | None = None, **kw) -> list[Result]:
+        """Generate images. Takes a GenerateRequest or its fields as keywords (prompt=..., width=...)."""
+        return list(self.generate_iter(request, **kw))
+
+    def generate_iter(self, request: GenerateRequest | None = None, *, batch_size: int | None = None,
+                      callback: Callable | None = None, **fields) -> Iterator[Result]:
+        """Like generate(), yielding each image as soon as its batch is decoded.
+
+        `callback(info)` is called at every step with i, steps, x, sigma, denoised and the batch's seeds.
+        """
+        import torch
+
+        encode_before = self.encode_seconds
+        job = self.validate(request, fields)
         use_cfg = self.spec.guidance_mode == "cfg" and job.guidance > 1.0
-        results: list[Result] = []
         with torch.inference_mode():
-            with _timed(timings, "encode"):
-                self.encode_prompts([job.prompt] + ([job.negative] if use_cfg else []))
+            cond1 = self._encode_timed([job.prompt])
+            uncond1 = self._encode_timed([job.negative]) if use_cfg else None
             sigmas, mu = self.schedule(job)
-            bs = batch_size or min(len(job.seeds), 4)
+            bs = batch_size or self.default_batch_size(job)
             for start in range(0, len(job.seeds), bs):
                 seeds = job.seeds[start:start + bs]
-                cond = self.encode_prompts([job.prompt] * len(seeds))
-                uncond = self.encode_prompts([job.negative] * len(seeds)) if use_cfg else None
+                cond = _repeat(cond1, len(seeds))
+                uncond = _repeat(uncond1, len(seeds)) if use_cfg else None
+                timings = {"load": round(self.load_seconds, 4)}
+                timings["encode"] = round(self.encode_seconds - encode_before, 4)
+                encode_before = self.encode_seconds
+                step_cb = None
+                if callback is not None:
+                    def step_cb(info, seeds=seeds):
+                        callback({**info, "steps": job.steps, "seeds": seeds})
                 with _timed(timings, "prepare"):
-                    x, img_ids = self.prepare_latents(job, seeds)
+                    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                    x, img_ids = self.prepare_latents(job, generators)
                 with _timed(timings, "denoise"):
-                    x = self.denoise(job, x, img_ids, cond, uncond, sigmas, callback=callback)
+                    x = self.denoise(job, x, img_ids, cond, uncond, sigmas, generators, callback=step_cb)
                 with _timed(timings, "decode"):
                     z, images = self.decode(x, job)
                     pils = to_pil(images)
+                timings = {k: round(v, 4) for k, v in timings.items()}
+                timings["it_per_s"] = round(job.steps / timings["denoise"], 3) if timings["denoise"] else None
                 for i, seed in enumerate(seeds):
-                    results.append(Result(pils[i], seed, self.metadata(job, seed, mu), z[i:i + 1]))
-        timings = {"load": round(self.load_seconds, 4), **{k: round(v, 4) for k, v in timings.items()}}
-        for r in results:
-            r.timings = timings
-        return results
+                    yield Result(pils[i], seed, self.metadata(job, seed, mu), z[i:i + 1], timings, start // bs)
 
-    def metadata(self, job: Job, seed: int, mu: float) -> dict:
+    def _encode_timed(self, prompts):
+        t0 = time.perf_counter()
+        try:
+            return self.encode_prompts(prompts)
+        finally:
+            self.encode_seconds += time.perf_counter() - t0
+
+    def default_batch_size(self, job: Job) -> int:
+        """Images per forward pass when the caller does not say: all of them on a GPU with room, else one.
+
+        On a CPU a larger batch does not run faster (the matmuls already fill the cores) and only adds memory.
+        """
+        if self.device.type != "cuda":
+            return 1
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        h, w = self.family.latent_grid(job.width, job.height)
+        tokens = h * w + self.spec.max_sequence_length
+        hidden = self.components.transformer.config.num_attention_heads * \
+            self.components.transformer.config.attention_head_dim
+        # Rough activation size per image: ~24 tensors of tokens x hidden live at once in a block.
+        per_image = 24 * tokens * hidden * torch.finfo(self.dtype).bits // 8
+        return max(1, min(len(job.seeds), 16, int(free * 0.5 // max(per_image, 1))))
+
+    def metadata(self, job: Job, seed: int, mu: float | None) -> dict:
         from .devices import dtype_name
 
-        return {
+        meta = {
             "fluxlab": __version__,
             "model": self.label,
             "family": self.spec.family,
@@ -177,11 +267,21 @@ class Pipeline:
             "steps": job.steps,
             "guidance": job.guidance,
             "guidance_mode": self.spec.guidance_mode,
-            "sampler": "euler",
-            "schedule": {"name": "default", "mu": round(mu, 6)},
+            "sampler": job.sampler,
+            "schedule": {"name": job.schedule, "mu": None if mu is None else round(mu, 6)},
             "dtype": dtype_name(self.dtype),
             "device": self.device.type,
         }
+        if job.eta:
+            meta["eta"] = job.eta
+        return meta
+
+
+def _repeat(cond: Conditioning, n: int) -> Conditioning:
+    """One prompt's conditioning for a batch of n images (the encoder ran once)."""
+    ids = cond.ids if cond.ids.ndim == 2 else cond.ids.expand(n, -1, -1)
+    pooled = None if cond.pooled is None else cond.pooled.expand(n, -1)
+    return Conditioning(cond.embeds.expand(n, -1, -1), ids, pooled)
 
 
 def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str | None = None,

@@ -44,7 +44,13 @@ class GenerateRequest(BaseModel):
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None
-    num_images: int = 1
+    seeds: list[int] | None = None  # explicit seeds, one image each (instead of seed + num_images)
+    num_images: int | None = None
+    sampler: str | None = None  # default: euler
+    schedule: str | None = None  # default | linear | shift:S
+    eta: float | None = None  # stochastic samplers only
+    preset: str | None = None
+    template: str | None = None
 
 
 def make_request(**fields) -> GenerateRequest:
@@ -71,6 +77,9 @@ class Job:
     steps: int
     guidance: float
     seeds: tuple[int, ...]
+    sampler: str = "euler"
+    schedule: str = "default"
+    eta: float = 0.0
     notices: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -85,9 +94,46 @@ def _check_side(name: str, value: int, lo: int, hi: int) -> None:
         raise UserError(f"{name} {value} is outside this model's range {lo}..{hi}")
 
 
+def parse_schedule(text: str) -> tuple[str, float | None]:
+    """'default' | 'linear' | 'shift:S' -> (kind, S)."""
+    if text in ("default", "linear"):
+        return text, None
+    if text.startswith("shift:"):
+        try:
+            value = float(text.split(":", 1)[1])
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"schedule {text!r}: the shift must be a positive number, e.g. shift:3")
+        return "shift", value
+    raise UserError(f"unknown schedule {text!r}; valid: default, linear, shift:S (e.g. shift:3)")
+
+
+def _with_preset(req: GenerateRequest, spec) -> tuple[GenerateRequest, list[str]]:
+    """Fill the fields the user did not set from the preset (explicit values always win)."""
+    from .presets import preset_values
+
+    values = preset_values(req.preset, spec.distilled)
+    given = req.model_fields_set
+    if {"width", "height", "aspect"} & given:  # an explicit size replaces the preset's size as a whole
+        values = {k: v for k, v in values.items() if k not in ("width", "height", "aspect")}
+    fill = {k: v for k, v in values.items() if k not in given}
+    return req.model_copy(update=fill), [f"preset {req.preset}: " + ", ".join(f"{k}={v}" for k, v in fill.items())]
+
+
 def resolve(req: GenerateRequest, spec) -> Job:
     """Validate `req` against model `spec` (a catalog.ModelSpec) and fill in the defaults."""
+    from .sampling import get_sampler
+
     notices: list[str] = []
+    if req.preset is not None:
+        req, said = _with_preset(req, spec)
+        notices += said
+    prompt = req.prompt
+    if req.template is not None:
+        from .presets import apply_template
+
+        prompt = apply_template(req.template, prompt)
     if req.aspect is not None:
         if req.width is not None or req.height is not None:
             raise UserError(f"--aspect {req.aspect} conflicts with an explicit width/height; give one or the other")
@@ -125,14 +171,44 @@ def resolve(req: GenerateRequest, spec) -> Job:
     elif spec.guidance_mode == "cfg" and negative is None:
         negative = ""  # the reference uncond prompt
 
-    if not 1 <= req.num_images <= MAX_IMAGES:
-        raise UserError(f"num_images {req.num_images} is out of range; valid: 1..{MAX_IMAGES}")
+    sampler = req.sampler or "euler"
+    info = get_sampler(sampler)
+    schedule = req.schedule or "default"
+    parse_schedule(schedule)
+    eta = 0.0
+    if info.stochastic:
+        eta = 1.0 if req.eta is None else req.eta
+        if not (math.isfinite(eta) and 0 <= eta <= 1):
+            raise UserError(f"eta {req.eta} is out of range; valid: 0..1")
+    elif req.eta is not None:
+        notices.append(f"sampler {sampler} is deterministic; --eta {req.eta:g} is ignored")
+
+    seeds = _seeds(req)
+    return Job(prompt, negative, width, height, steps, guidance, seeds, sampler, schedule, eta, tuple(notices))
+
+
+def _seeds(req: GenerateRequest) -> tuple[int, ...]:
+    if req.seeds is not None:
+        if req.seed is not None:
+            raise UserError("give either --seed or --seeds, not both")
+        if not req.seeds:
+            raise UserError("--seeds is empty; give seeds like --seeds 1,5,9")
+        if req.num_images is not None and req.num_images != len(req.seeds):
+            raise UserError(f"--num-images {req.num_images} does not match the {len(req.seeds)} seeds given")
+        if len(req.seeds) > MAX_IMAGES:
+            raise UserError(f"{len(req.seeds)} seeds is too many; valid: up to {MAX_IMAGES}")
+        for s in req.seeds:
+            if not 0 <= s <= MAX_SEED:
+                raise UserError(f"seed {s} is out of range; valid: 0..{MAX_SEED}")
+        return tuple(req.seeds)
+    n = 1 if req.num_images is None else req.num_images
+    if not 1 <= n <= MAX_IMAGES:
+        raise UserError(f"num_images {n} is out of range; valid: 1..{MAX_IMAGES}")
     seed = req.seed
     if seed is None:
-        seed = secrets.randbelow(MAX_SEED + 1 - req.num_images + 1)
+        seed = secrets.randbelow(MAX_SEED + 1 - n + 1)
     elif not 0 <= seed <= MAX_SEED:
         raise UserError(f"seed {seed} is out of range; valid: 0..{MAX_SEED}")
-    if seed + req.num_images - 1 > MAX_SEED:
-        raise UserError(f"seeds {seed}..{seed + req.num_images - 1} pass {MAX_SEED}; choose a smaller --seed")
-    seeds = tuple(range(seed, seed + req.num_images))
-    return Job(req.prompt, negative, width, height, steps, guidance, seeds, tuple(notices))
+    if seed + n - 1 > MAX_SEED:
+        raise UserError(f"seeds {seed}..{seed + n - 1} pass {MAX_SEED}; choose a smaller --seed")
+    return tuple(range(seed, seed + n))

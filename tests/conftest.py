@@ -11,6 +11,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def run(capsys, *args):
+    """Run the fluxlab CLI in-process; returns (exit code, stdout, stderr)."""
+    from fluxlab.cli import main
+
+    code = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_hub_cache(tmp_path_factory):
     os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))

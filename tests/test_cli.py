@@ -10,14 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fluxlab.cli import main
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from conftest import run
 
 
 def gen(tiny, *extra):

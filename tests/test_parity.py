@@ -93,7 +93,7 @@ def test_batch_equals_single_images(tiny_pipes):
 def test_noise_is_drawn_on_cpu_generator(tiny_pipes):
     """The seed's noise is the CPU generator's, whatever the device: same seed, same starting latents."""
     fam = tiny_pipes["flux2-klein"].family
-    x = fam.noise([123], W, H, torch.float32)
+    x = fam.noise([torch.Generator("cpu").manual_seed(123)], W, H, torch.float32)
     g = torch.Generator("cpu").manual_seed(123)
     expect = torch.randn((1, fam.latent_channels, H // 16, W // 16), generator=g)
     assert torch.equal(x, expect.flatten(2).transpose(1, 2))

@@ -40,12 +40,12 @@ class Flux1:
         m = self.vae_scale * 2
         return height // m, width // m
 
-    def noise(self, seeds, width: int, height: int, dtype):
+    def noise(self, generators, width: int, height: int, dtype):
         h, w = self.latent_grid(width, height)
         x = torch.cat([
-            torch.randn((1, self.latent_channels, 2 * h, 2 * w), generator=torch.Generator("cpu").manual_seed(s),
+            torch.randn((1, self.latent_channels, 2 * h, 2 * w), generator=g,
                         dtype=dtype)
-            for s in seeds
+            for g in generators
         ])
         # b c (h ph) (w pw) -> b (h w) (c ph pw)
         b, c = x.shape[:2]

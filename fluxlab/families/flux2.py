@@ -84,13 +84,13 @@ class Flux2:
         m = self.vae_scale * 2
         return height // m, width // m
 
-    def noise(self, seeds, width: int, height: int, dtype):
+    def noise(self, generators, width: int, height: int, dtype):
         """Per-seed noise from CPU generators (the same image on every device), packed to tokens."""
         h, w = self.latent_grid(width, height)
         x = torch.cat([
-            torch.randn((1, self.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(s),
+            torch.randn((1, self.latent_channels, h, w), generator=g,
                         dtype=dtype)
-            for s in seeds
+            for g in generators
         ])
         return x.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
 
