@@ -34,6 +34,12 @@ class ModelSpec:
     min_side: int = 64
     max_side: int = 2048
     default_size: tuple[int, int] = (1024, 1024)  # width, height
+    # Reference images for in-context editing: klein is documented for up to 4, FLUX.2 [dev] for 10,
+    # FLUX.1 Kontext takes one; plain FLUX.1 none.
+    max_references: int = 4
+    # klein 9B-KV: reference tokens attend only to themselves at a fixed timestep, so their K/V are
+    # computed once and reused across steps.
+    kv_references: bool = False
 
     @property
     def distilled(self) -> bool:
@@ -86,6 +92,16 @@ CATALOG: dict[str, ModelSpec] = {
             schedule=_KLEIN_SCHEDULE, max_side=1792,
         ),
         ModelSpec(
+            name="flux2-klein-9b-kv",
+            repo="black-forest-labs/FLUX.2-klein-9b-kv",
+            family="flux2",
+            description="FLUX.2 [klein] 9B with cached reference K/V: faster multi-reference editing, 4 steps",
+            steps=4, guidance=1.0, guidance_mode="none", max_sequence_length=512,
+            text_encoder="Qwen/Qwen3-8B", license="flux-non-commercial", gated=True,
+            sizes_gb={"transformer": 18.2, "text_encoder": 16.4, "vae": 0.17},
+            schedule=_KLEIN_SCHEDULE, max_side=1792, kv_references=True,
+        ),
+        ModelSpec(
             name="flux2-dev",
             repo="black-forest-labs/FLUX.2-dev",
             family="flux2",
@@ -93,7 +109,7 @@ CATALOG: dict[str, ModelSpec] = {
             steps=50, guidance=4.0, guidance_mode="embedded", max_sequence_length=512,
             text_encoder="mistralai/Mistral-Small-3.2-24B-Instruct-2506", license="flux-dev-non-commercial",
             gated=True, sizes_gb={"transformer": 64.4, "text_encoder": 48.0, "vae": 0.17},
-            schedule=_KLEIN_SCHEDULE,
+            schedule=_KLEIN_SCHEDULE, max_references=10,
         ),
         ModelSpec(
             name="flux1-schnell",
@@ -103,7 +119,7 @@ CATALOG: dict[str, ModelSpec] = {
             steps=4, guidance=0.0, guidance_mode="none", max_sequence_length=256,
             text_encoder="google/t5-v1_1-xxl + openai/clip-vit-large-patch14", license="apache-2.0",
             gated=False, sizes_gb={"transformer": 23.8, "text_encoder": 9.77, "vae": 0.17},
-            schedule="linear (unshifted)",
+            schedule="linear (unshifted)", max_references=0,
         ),
         ModelSpec(
             name="flux1-dev",
@@ -116,7 +132,19 @@ CATALOG: dict[str, ModelSpec] = {
             text_encoder="google/t5-v1_1-xxl + openai/clip-vit-large-patch14",
             license="flux-dev-non-commercial", gated=True,
             sizes_gb={"transformer": 23.8, "text_encoder": 9.77, "vae": 0.17},
-            schedule="FLUX.1 linear mu (256 tokens -> 0.5, 4096 -> 1.15), exponential shift",
+            schedule="FLUX.1 linear mu (256 tokens -> 0.5, 4096 -> 1.15), exponential shift", max_references=0,
+        ),
+        ModelSpec(
+            name="flux1-kontext-dev",
+            repo="black-forest-labs/FLUX.1-Kontext-dev",
+            family="flux1",
+            # BFL's Kontext CLI defaults: 30 steps were tuned for it; 28 is diffusers' default and indistinguishable.
+            description="FLUX.1 Kontext [dev]: instruction editing of one input image (--image), guidance 2.5",
+            steps=28, guidance=2.5, guidance_mode="embedded", max_sequence_length=512,
+            text_encoder="google/t5-v1_1-xxl + openai/clip-vit-large-patch14",
+            license="flux-dev-non-commercial", gated=True,
+            sizes_gb={"transformer": 23.8, "text_encoder": 9.77, "vae": 0.17},
+            schedule="FLUX.1 linear mu, exponential shift", max_references=1,
         ),
     ]
 }

@@ -94,6 +94,12 @@ def generate(
     eta: Annotated[float | None, Opt(help="Re-noising for stochastic samplers, 0..1 (default 1).")] = None,
     preset: Annotated[str | None, Opt(help="preview | balanced | quality, or a saved preset.")] = None,
     template: Annotated[str | None, Opt(help="Prompt template: photo, oil-painting, ... or a saved one.")] = None,
+    image: Annotated[list[str] | None, Opt("--image", "-i", help="Reference image (repeatable): FLUX.2 editing, "
+                                           "or the image to edit with flux1-kontext-dev.")] = None,
+    init: Annotated[str | None, Opt(help="Start image for img2img or inpainting.")] = None,
+    strength: Annotated[float | None, Opt(help="img2img strength, 0 < S <= 1 (default 0.6; 1.0 with --mask).")] =
+        None,
+    mask: Annotated[str | None, Opt(help="Inpainting mask for --init: white = repaint.")] = None,
     dtype: Annotated[str, Opt(help="auto|bf16|fp16|fp32 (auto: bf16 where fast).")] = "auto",
     device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
     out_path: Annotated[str | None, Opt("-o", "--out", help="FILE.png or a directory (default: outputs/).")] =
@@ -113,6 +119,7 @@ def generate(
 
     given = _request_fields(prompt, width, height, aspect, steps, guidance, negative, seed, seeds, num_images,
                             sampler, schedule, eta, preset, template)
+    given |= {k: v for k, v in dict(images=image, init=init, strength=strength, mask=mask).items() if v is not None}
     if from_image:
         model, transformer, dtype, given = _from_image(from_image, model, transformer, dtype, given)
     prompts = [given.pop("prompt")] if "prompt" in given else []
@@ -184,10 +191,32 @@ def _from_image(path, model, transformer, dtype, given):
         base.pop("width", None), base.pop("height", None)
     if "seeds" in given:
         base.pop("seed", None)
+    base |= _recorded_inputs(meta)
     model = meta["model"] if model == "flux2-klein-4b" else model
     transformer = transformer or meta.get("transformer_file")
     dtype = meta.get("dtype", dtype) if dtype == "auto" else dtype
     return model, transformer, dtype, {**base, **given}
+
+
+def _recorded_inputs(meta: dict) -> dict:
+    """The input images an edit was made from, checked to be the same files (by SHA-256) as then."""
+    from .images import inspect
+
+    fields: dict = {}
+    for row in meta.get("inputs", []):
+        path = row["path"]
+        if not Path(path).is_file():
+            raise UserError(f"this image was made from {row['role']} {row['file']} ({path}), which is no longer "
+                            f"there; pass it again with --{'image' if row['role'] == 'reference' else row['role']}")
+        if inspect(path, row["role"]).sha256 != row["sha256"]:
+            raise UserError(f"{row['role']} {path} has changed since this image was made (SHA-256 differs)")
+        if row["role"] == "reference":
+            fields.setdefault("images", []).append(path)
+        else:
+            fields[row["role"]] = path
+    if "strength" in meta:
+        fields["strength"] = meta["strength"]
+    return fields
 
 
 class _Previewer:
@@ -350,6 +379,8 @@ def show(
     for k, v in meta.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items())
+        elif k == "inputs":
+            v = "; ".join(f"{r['role']} {r['path']} (sha256 {r['sha256'][:16]}...)" for r in v)
         out.print(f"[bold]{k:>16}[/bold]  {v}")
 
 

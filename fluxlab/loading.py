@@ -19,7 +19,7 @@ from .errors import UserError, did_you_mean
 
 # model_index.json pipeline classes we can run, and how each maps onto the catalog's vocabulary.
 FLUX2_PIPELINES = {"Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2Pipeline"}
-FLUX1_PIPELINES = {"FluxPipeline"}
+FLUX1_PIPELINES = {"FluxPipeline", "FluxKontextPipeline"}
 
 # Component classes we instantiate, per library: a whitelist, so a model_index.json cannot name arbitrary code.
 DIFFUSERS_CLASSES = {"Flux2Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKLFlux2", "AutoencoderKL"}
@@ -75,22 +75,26 @@ def derive_spec(path: Path, name: str | None = None) -> ModelSpec:
     if cls in FLUX2_PIPELINES:
         if cls == "Flux2Pipeline":
             mode, steps, guidance, enc = "embedded", 50, 4.0, "Mistral3"
-        elif index.get("is_distilled", False):
+        elif index.get("is_distilled", cls == "Flux2KleinKVPipeline"):  # the KV pipeline defaults to distilled
             mode, steps, guidance, enc = "none", 4, 1.0, "Qwen3"
         else:
             mode, steps, guidance, enc = "cfg", 50, 4.0, "Qwen3"
         return ModelSpec(family="flux2", description=f"local {cls}", steps=steps, guidance=guidance,
                          guidance_mode=mode, max_sequence_length=512, text_encoder=enc,
-                         schedule="FLUX.2 empirical mu", **common)
+                         schedule="FLUX.2 empirical mu", max_references=10 if enc == "Mistral3" else 4,
+                         kv_references=cls == "Flux2KleinKVPipeline", **common)
     if cls in FLUX1_PIPELINES:
         tcfg = _read_json(path / "transformer" / "config.json")
-        if tcfg.get("guidance_embeds", False):
+        kontext = cls == "FluxKontextPipeline"
+        if kontext:
+            mode, steps, guidance, seq = "embedded", 28, 2.5, 512
+        elif tcfg.get("guidance_embeds", False):
             mode, steps, guidance, seq = "embedded", 28, 3.5, 512
         else:
             mode, steps, guidance, seq = "none", 4, 0.0, 256
         return ModelSpec(family="flux1", description=f"local {cls}", steps=steps, guidance=guidance,
                          guidance_mode=mode, max_sequence_length=seq, text_encoder="T5 + CLIP",
-                         schedule="from scheduler_config.json", **common)
+                         schedule="from scheduler_config.json", max_references=1 if kontext else 0, **common)
     supported = ", ".join(sorted(FLUX2_PIPELINES | FLUX1_PIPELINES))
     raise UserError(f"{path} holds a {cls} pipeline, not a supported FLUX pipeline (supported: {supported})")
 

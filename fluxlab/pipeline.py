@@ -8,6 +8,7 @@ plug in without forking the loop, and every stage can be timed and tested on its
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .catalog import ModelSpec
-from .families import Conditioning, get_family
+from .families import Conditioning, References, get_family
 from .request import GenerateRequest, Job, make_request, resolve
 
 log = logging.getLogger("fluxlab")
@@ -69,6 +70,9 @@ class Pipeline:
         self.family = get_family(spec.family)(components, max_sequence_length=spec.max_sequence_length)
         self._prompt_cache: dict[str, Conditioning] = {}
         self._rgb = None  # latent -> RGB preview projection, fitted on first use
+        self.kv_cache = True  # reuse reference K/V across steps on models that support it (klein KV)
+        if spec.kv_references:
+            self.family.use_kv_processors()
         self.encode_seconds = 0.0
 
     # -- stages -------------------------------------------------------------------------------------
@@ -114,13 +118,86 @@ class Pipeline:
             sigmas = flow_sigmas(job.steps, None, {"use_dynamic_shifting": False, "shift": shift})
         return torch.from_numpy(sigmas).to(self.device), mu
 
-    def prepare_latents(self, job: Job, generators):
-        """Starting noise, one CPU generator per image (so batching never changes an image)."""
-        x = self.family.noise(generators, job.width, job.height, self.dtype).to(self.device)
-        return x, self.family.image_ids(len(generators), job.width, job.height, self.device)
+    def prepare_inputs(self, job: Job) -> dict:
+        """Decode and encode a request's input images once: reference tokens, init pixels, mask."""
+        import torch
+        from diffusers.image_processor import VaeImageProcessor
+
+        from .images import load_mask, load_rgb
+
+        out: dict = {"refs": None, "init": None, "mask": None}
+        vae_c = self.components.vae.config.latent_channels
+        refs = [load_rgb(i.path, self.notify, "reference image") for i in job.images]
+        if job.init is not None:
+            init = load_rgb(job.init.path, self.notify, "init image")
+            proc = VaeImageProcessor(vae_scale_factor=self.family.vae_scale * 2, vae_latent_channels=vae_c)
+            out["init"] = proc.preprocess(init, height=job.height, width=job.width).to(torch.float32)
+            if job.mask is not None:
+                mask = load_mask(job.mask.path, init.size, self.notify)
+                mproc = VaeImageProcessor(vae_scale_factor=self.family.vae_scale * 2, vae_latent_channels=vae_c,
+                                          do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+                m = mproc.preprocess(mask, height=job.height, width=job.width)
+                out["mask"] = self.family.mask_tokens(m, job.width, job.height).to(self.device, self.dtype)
+                if self.spec.family == "flux2":  # klein inpainting sees the init image as its first reference
+                    refs = [init, *refs]
+        if refs:
+            out["refs"] = self._reference_tokens(refs)
+        return out
+
+    def _reference_tokens(self, images: list) -> References:
+        """Reference images -> tokens. FLUX.2: area-capped, cropped to multiples of 16, VAE-encoded one by one.
+        Kontext (FLUX.1): resized to the closest Kontext training resolution."""
+        from diffusers.image_processor import VaeImageProcessor
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        from .request import kontext_size
+
+        m = self.family.vae_scale * 2
+        latent_c = self.components.vae.config.latent_channels
+        latents = []
+        if self.spec.family == "flux1":
+            proc = VaeImageProcessor(vae_scale_factor=m)
+            for img in images:
+                w, h = kontext_size(img.width, img.height)
+                pixels = proc.preprocess(proc.resize(img, h, w), h, w)
+                latents.append(self.family.encode_image(pixels.to(self.dtype)))
+        else:
+            proc = Flux2ImageProcessor(vae_scale_factor=m, vae_latent_channels=latent_c)
+            cap = 1024 * 1024 if len(images) > 1 else 2024 * 2024
+            for img in images:
+                if img.width * img.height > cap:
+                    img = proc._resize_to_target_area(img, cap)
+                w, h = img.width // m * m, img.height // m * m
+                pixels = proc.preprocess(img, height=h, width=w, resize_mode="crop")
+                latents.append(self.family.encode_image(pixels.to(self.dtype)))
+        tokens, ids = self.family.reference_tokens(latents)
+        return References(tokens.to(self.device, self.dtype), ids.to(self.device), kv=self.spec.kv_references,
+                          reuse=self.kv_cache)
+
+    def prepare_latents(self, job: Job, generators, inputs: dict | None = None, sigma0=None):
+        """Starting latents, one CPU generator per image (so batching never changes an image).
+
+        With an init image: its latents mixed with the noise at the first kept sigma (img2img); returns the
+        noise and the init tokens too, which inpainting needs at every step.
+        """
+        x_ids = self.family.image_ids(len(generators), job.width, job.height, self.device)
+        init = None if inputs is None else inputs["init"]
+        if init is None:
+            return self.family.noise(generators, job.width, job.height, self.dtype).to(self.device), x_ids, None
+        pixels = init.to(self.device, self.dtype)
+        import torch
+
+        # Each image's generator first draws its VAE sample (FLUX.1), then its noise: the reference's order.
+        z = torch.cat([self.family.encode_image(pixels, g) for g in generators])
+        init_tokens = self.family.pack(z).to(self.dtype)
+        noise = self.family.noise(generators, job.width, job.height, self.dtype).to(self.device)
+        s0 = sigma0.to(self.dtype)
+        return s0 * noise + (1.0 - s0) * init_tokens, x_ids, (noise, init_tokens)
 
     def denoise(self, job: Job, x, img_ids, cond: Conditioning, uncond: Conditioning | None, sigmas,
-                generators=None, callback=None):
+                generators=None, callback=None, refs=None, inpaint=None):
+        """Run the sampler. `refs` are reference tokens; `inpaint` = (mask, noise, init tokens) re-imposes the
+        known region after every step, on the init image's own noise path."""
         import torch
 
         from .sampling import get_sampler
@@ -130,17 +207,27 @@ class Pipeline:
         def model(x, sigma):
             # The reference feeds the model sigma*1000 (float32), cast to the latents' dtype, then /1000.
             t = (sigma * 1000).expand(x.shape[0]).to(x.dtype)
-            v = family.velocity(x, t, cond, img_ids, guidance)
+            v = family.velocity(x, t, cond, img_ids, guidance, refs)
             if uncond is not None:  # real CFG: a second pass with the negative prompt
-                v_u = family.velocity(x, t, uncond, img_ids, guidance)
+                v_u = family.velocity(x, t, uncond, img_ids, guidance, refs)
                 v = v_u + guidance * (v - v_u)
             return v
+
+        post = None
+        if inpaint is not None:
+            mask, noise0, init_tokens = inpaint
+            last = len(sigmas) - 2
+
+            def post(i, x):
+                s = sigmas[i + 1].to(x.dtype)
+                known = init_tokens if i == last else s * noise0 + (1.0 - s) * init_tokens
+                return (1 - mask) * known + mask * x
 
         def noise(i, shape):  # fresh noise for stochastic samplers, continuing each image's own generator
             return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
 
         sampler = get_sampler(job.sampler).fn
-        return sampler(model, x, sigmas, callback=callback, noise=noise, eta=job.eta)
+        return sampler(model, x, sigmas, callback=callback, noise=noise, eta=job.eta, post=post)
 
     def decode(self, x, job: Job):
         z = self.family.unpack(x, job.width, job.height)
@@ -201,28 +288,41 @@ class Pipeline:
             cond1 = self._encode_timed([job.prompt])
             uncond1 = self._encode_timed([job.negative]) if use_cfg else None
             sigmas, mu = self.schedule(job)
+            if job.init is not None:  # img2img: keep the last int(N * strength) steps of the schedule
+                from .request import kept_steps
+
+                sigmas = sigmas[job.steps - kept_steps(job.steps, job.strength):]
+            with _timed(timings0 := {}, "inputs"):
+                inputs = self.prepare_inputs(job)
             bs = batch_size or self.default_batch_size(job)
             for start in range(0, len(job.seeds), bs):
                 seeds = job.seeds[start:start + bs]
                 cond = _repeat(cond1, len(seeds))
                 uncond = _repeat(uncond1, len(seeds)) if use_cfg else None
-                timings = {"load": round(self.load_seconds, 4)}
+                timings = {"load": round(self.load_seconds, 4), **timings0}
+                timings0 = {}
                 timings["encode"] = round(self.encode_seconds - encode_before, 4)
                 encode_before = self.encode_seconds
                 step_cb = None
                 if callback is not None:
                     def step_cb(info, seeds=seeds):
-                        callback({**info, "steps": job.steps, "seeds": seeds})
+                        callback({**info, "steps": len(sigmas) - 1, "seeds": seeds})
                 with _timed(timings, "prepare"):
                     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-                    x, img_ids = self.prepare_latents(job, generators)
+                    x, img_ids, known = self.prepare_latents(job, generators, inputs, sigmas[0])
+                inpaint = (inputs["mask"], *known) if inputs["mask"] is not None else None
+                refs = inputs["refs"]
+                if refs is not None and refs.kv:  # a fresh cache per batch (its K/V carry the batch size)
+                    refs = dataclasses.replace(refs, cache=None)
                 with _timed(timings, "denoise"):
-                    x = self.denoise(job, x, img_ids, cond, uncond, sigmas, generators, callback=step_cb)
+                    x = self.denoise(job, x, img_ids, cond, uncond, sigmas, generators, callback=step_cb,
+                                     refs=refs, inpaint=inpaint)
                 with _timed(timings, "decode"):
                     z, images = self.decode(x, job)
                     pils = to_pil(images)
                 timings = {k: round(v, 4) for k, v in timings.items()}
-                timings["it_per_s"] = round(job.steps / timings["denoise"], 3) if timings["denoise"] else None
+                n_steps = len(sigmas) - 1
+                timings["it_per_s"] = round(n_steps / timings["denoise"], 3) if timings["denoise"] else None
                 for i, seed in enumerate(seeds):
                     yield Result(pils[i], seed, self.metadata(job, seed, mu), z[i:i + 1], timings, start // bs)
 
@@ -274,6 +374,11 @@ class Pipeline:
         }
         if job.eta:
             meta["eta"] = job.eta
+        if job.strength is not None:
+            meta["strength"] = job.strength
+        inputs = job.inputs()
+        if inputs:
+            meta["inputs"] = inputs
         return meta
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -51,6 +52,10 @@ class GenerateRequest(BaseModel):
     eta: float | None = None  # stochastic samplers only
     preset: str | None = None
     template: str | None = None
+    images: list[str] | None = None  # FLUX.2 reference images (in-context editing)
+    init: str | None = None  # img2img / inpainting start image
+    strength: float | None = None  # img2img: how much of the schedule to run, 0 < S <= 1
+    mask: str | None = None  # inpainting: white = repaint
 
 
 def make_request(**fields) -> GenerateRequest:
@@ -80,7 +85,17 @@ class Job:
     sampler: str = "euler"
     schedule: str = "default"
     eta: float = 0.0
+    images: tuple = ()  # ImageInfo of each reference
+    init: object = None  # ImageInfo
+    strength: float | None = None
+    mask: object = None  # ImageInfo
     notices: tuple[str, ...] = field(default=(), compare=False)
+
+    def inputs(self) -> list[dict]:
+        """Provenance: every input file with its role, path and SHA-256."""
+        rows = [("reference", i) for i in self.images] + [("init", self.init), ("mask", self.mask)]
+        return [{"role": r, "file": Path(i.path).name, "path": str(Path(i.path).resolve()), "sha256": i.sha256}
+                for r, i in rows if i is not None]
 
 
 def _check_side(name: str, value: int, lo: int, hi: int) -> None:
@@ -134,12 +149,21 @@ def resolve(req: GenerateRequest, spec) -> Job:
         from .presets import apply_template
 
         prompt = apply_template(req.template, prompt)
+    refs, init, mask, strength = _edit_inputs(req, spec)
     if req.aspect is not None:
         if req.width is not None or req.height is not None:
             raise UserError(f"--aspect {req.aspect} conflicts with an explicit width/height; give one or the other")
         if req.aspect not in ASPECTS:
             raise UserError(f"unknown aspect {req.aspect!r}; valid: {', '.join(ASPECTS)}")
         width, height = ASPECTS[req.aspect]
+    elif req.width is None and req.height is None and (init or refs):
+        source, kind = (init, "the init image") if init else (refs[0], "the first reference")
+        if init is None and spec.family == "flux1":  # Kontext: the input's preferred Kontext resolution
+            width, height = kontext_size(source.width, source.height)
+        else:
+            width, height = input_size(source.width, source.height, len(refs) if not init else 1, spec.max_side)
+        notices.append(f"output size {width}x{height} follows {kind} ({source.width}x{source.height}); "
+                       f"set -W/-H to choose")
     else:
         width = req.width if req.width is not None else spec.default_size[0]
         height = req.height if req.height is not None else spec.default_size[1]
@@ -183,8 +207,68 @@ def resolve(req: GenerateRequest, spec) -> Job:
     elif req.eta is not None:
         notices.append(f"sampler {sampler} is deterministic; --eta {req.eta:g} is ignored")
 
+    if strength is not None and kept_steps(steps, strength) < 1:
+        raise UserError(f"strength {strength:g} with {steps} steps leaves no step to run; raise --strength or --steps")
     seeds = _seeds(req)
-    return Job(prompt, negative, width, height, steps, guidance, seeds, sampler, schedule, eta, tuple(notices))
+    return Job(prompt, negative, width, height, steps, guidance, seeds, sampler, schedule, eta, tuple(refs), init,
+               strength, mask, tuple(notices))
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """Steps an img2img run keeps: the last int(N*S) of the schedule, computed as diffusers' get_timesteps."""
+    init_timestep = min(steps * strength, steps)
+    return steps - int(max(steps - init_timestep, 0))
+
+
+def input_size(w: int, h: int, count: int, max_side: int) -> tuple[int, int]:
+    """The size an input image is used at: its pixel count capped (1024^2 when several references, BFL's
+    2024^2 for one), its sides capped to the model's limit, then floored to multiples of 16."""
+    cap = 1024 * 1024 if count > 1 else 2024 * 2024
+    if w * h > cap:
+        scale = math.sqrt(cap / (w * h))
+        w, h = int(w * scale), int(h * scale)
+    if max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = int(w * scale), int(h * scale)
+    m = SIZE_MULTIPLE
+    return max(m, w // m * m), max(m, h // m * m)
+
+
+def kontext_size(w: int, h: int) -> tuple[int, int]:
+    """The Kontext training resolution closest in aspect to w x h (the table diffusers and BFL use)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    _, kw, kh = min((abs(w / h - a / b), a, b) for a, b in PREFERRED_KONTEXT_RESOLUTIONS)
+    return kw // SIZE_MULTIPLE * SIZE_MULTIPLE, kh // SIZE_MULTIPLE * SIZE_MULTIPLE
+
+
+def _edit_inputs(req: GenerateRequest, spec):
+    """Check reference/init/mask images and strength against the model; returns their ImageInfo."""
+    from .images import inspect
+
+    refs = []
+    if req.images:
+        if spec.max_references == 0:
+            raise UserError(f"{spec.name} takes no reference images (--image); use a FLUX.2 model or "
+                            f"flux1-kontext-dev")
+        if len(req.images) > spec.max_references:
+            raise UserError(f"{len(req.images)} reference images given; {spec.name} takes at most "
+                            f"{spec.max_references}")
+        refs = [inspect(p, "reference image") for p in req.images]
+    if req.mask is not None and req.init is None:
+        raise UserError("--mask needs --init: the image whose white mask area is repainted")
+    if req.strength is not None:
+        if req.init is None:
+            raise UserError("--strength needs --init: the image to start from")
+        if not (math.isfinite(req.strength) and 0 < req.strength <= 1):
+            raise UserError(f"strength {req.strength:g} is out of range; valid: 0 < strength <= 1")
+    init = inspect(req.init, "init image") if req.init is not None else None
+    mask = inspect(req.mask, "mask", check_shape=False) if req.mask is not None else None
+    strength = None
+    if init is not None:
+        # diffusers' default for img2img; inpainting repaints the masked area from pure noise by default.
+        strength = req.strength if req.strength is not None else (1.0 if mask is not None else 0.6)
+    return refs, init, mask, strength
 
 
 def _seeds(req: GenerateRequest) -> tuple[int, ...]:

@@ -31,7 +31,8 @@ CORPUS = [
     "a watercolor landscape with mountains and a lake at sunset",
 ]
 
-KINDS = ("flux2-klein", "flux2-klein-base", "flux2-dev", "flux1-schnell", "flux1-dev")
+KINDS = ("flux2-klein", "flux2-klein-base", "flux2-dev", "flux2-klein-kv", "flux1-schnell", "flux1-dev",
+         "flux1-kontext")
 
 # A Mistral-style chat template for the tiny FLUX.2 [dev] encoder: system and user turns whose content is a
 # list of typed parts, as diffusers' Flux2Pipeline formats them.
@@ -268,6 +269,8 @@ def build_pipeline(kind: str, seed: int = 0):
         "flux2-klein": ("Flux2KleinPipeline", lambda: tiny_flux2_components(distilled=True, seed=seed)),
         "flux2-klein-base": ("Flux2KleinPipeline", lambda: tiny_flux2_components(distilled=False, seed=seed)),
         "flux2-dev": ("Flux2Pipeline", lambda: tiny_flux2_dev_components(seed=seed)),
+        "flux2-klein-kv": ("Flux2KleinKVPipeline", lambda: tiny_flux2_components(distilled=True, seed=seed)),
+        "flux1-kontext": ("FluxKontextPipeline", lambda: tiny_flux1_components(guidance_embeds=True, seed=seed)),
         "flux1-schnell": ("FluxPipeline", lambda: tiny_flux1_components(guidance_embeds=False, seed=seed)),
         "flux1-dev": ("FluxPipeline", lambda: tiny_flux1_components(guidance_embeds=True, seed=seed)),
     }

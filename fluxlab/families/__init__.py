@@ -27,6 +27,21 @@ class Conditioning:
         )
 
 
+@dataclass
+class References:
+    """Reference-image tokens that follow (FLUX.2, Kontext) the image tokens, with their position ids.
+
+    With `kv` (klein KV models) the references attend only to themselves at a fixed timestep, so their K/V are
+    computed on the first call and reused (`cache`) unless `reuse` is off.
+    """
+
+    tokens: Any
+    ids: Any
+    kv: bool = False
+    reuse: bool = True
+    cache: Any = None
+
+
 def get_family(name: str):
     from . import flux1, flux2
 

@@ -47,9 +47,40 @@ class Flux1:
                         dtype=dtype)
             for g in generators
         ])
-        # b c (h ph) (w pw) -> b (h w) (c ph pw)
-        b, c = x.shape[:2]
+        return self.pack(x)
+
+    def pack(self, x):
+        """b c (h ph) (w pw) -> b (h w) (c ph pw)."""
+        b, c, hh, ww = x.shape
+        h, w = hh // 2, ww // 2
         return x.view(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * 4)
+
+    @torch.no_grad()
+    def encode_image(self, pixels, generator=None):
+        """[-1, 1] pixels -> scaled VAE latents (1, 16, H/8, W/8).
+
+        With a generator (img2img, inpainting): a *sample* of the posterior, as diffusers' FluxImg2ImgPipeline
+        draws it (BFL takes the mean), before the image's noise and from the same per-image generator. Without
+        (Kontext references): the posterior's mode.
+        """
+        vae = self.c.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        z = dist.sample(generator) if generator is not None else dist.mode()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def reference_tokens(self, latents: list):
+        """Kontext: the input image's packed tokens, with ids (1, row, col) after the image's (0, row, col)."""
+        (z,) = latents
+        _, _, hh, ww = z.shape
+        ids = self.image_ids(1, ww * self.vae_scale, hh * self.vae_scale, z.device).clone()
+        ids[..., 0] = 1
+        return self.pack(z), ids
+
+    def mask_tokens(self, mask, width: int, height: int):
+        """A (1, 1, H, W) 0/1 mask -> (1, tokens, 64) weights: nearest-downsampled to the latent grid, packed."""
+        h, w = self.latent_grid(width, height)
+        m = torch.nn.functional.interpolate(mask, size=(2 * h, 2 * w))
+        return self.pack(m.repeat(1, self.latent_channels, 1, 1))
 
     def image_ids(self, batch: int, width: int, height: int, device, dtype=None):
         h, w = self.latent_grid(width, height)
@@ -58,13 +89,18 @@ class Flux1:
         ids[..., 2] += torch.arange(w)[None, :]
         return ids.reshape(h * w, 3).to(device=device, dtype=dtype or self.c.text_encoder.dtype)
 
-    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None):
+    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None, refs=None):
         g = None
         if self.guidance_embeds:
             g = torch.full([1], guidance, device=x.device, dtype=torch.float32).expand(x.shape[0])
-        return self.c.transformer(hidden_states=x, timestep=timestep / 1000, guidance=g,
-                                  pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds,
-                                  txt_ids=cond.ids, img_ids=img_ids, return_dict=False)[0]
+        n = x.shape[1]
+        if refs is not None:  # Kontext: the input image's tokens follow the image's
+            x = torch.cat([x, refs.tokens.expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)
+            img_ids = torch.cat([img_ids, refs.ids], dim=0)
+        out = self.c.transformer(hidden_states=x, timestep=timestep / 1000, guidance=g,
+                                 pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds,
+                                 txt_ids=cond.ids, img_ids=img_ids, return_dict=False)[0]
+        return out[:, :n]
 
     def unpack(self, x, width: int, height: int):
         h, w = self.latent_grid(width, height)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..catalog import text_encoder_layers
-from . import Conditioning
+from . import Conditioning, References
 
 # FLUX.2 [dev]'s system message for Mistral (BFL flux2 text_encoder.py, also in diffusers' system_messages).
 # The line break after "object" is part of the reference text (and so of the tokens the model was trained on).
@@ -99,15 +99,89 @@ class Flux2:
         ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
         return ids.unsqueeze(0).expand(batch, -1, -1).to(device)
 
+    # -- images --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, pixels, generator=None):
+        """[-1, 1] pixels (1, 3, H, W) -> normalised, patchified latents (1, 128, H/16, W/16).
+
+        The VAE posterior's mode (no sampling), as BFL and diffusers' klein pipelines do.
+        """
+        vae = self.c.vae
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        b, c, h, w = z.shape
+        z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
+        return (z - mean) / std
+
+    def pack(self, z):
+        """(B, C, h, w) latents -> (B, h*w, C) tokens, row-major."""
+        return z.flatten(2).transpose(1, 2)
+
+    def reference_tokens(self, latents: list):
+        """Reference latents -> one token sequence with ids (t = 10, 20, 30, ...; h; w; 0), after the image."""
+        tokens, ids = [], []
+        for i, z in enumerate(latents):
+            _, _, h, w = z.shape
+            tokens.append(self.pack(z))
+            t = torch.tensor([10 + 10 * i])
+            ids.append(torch.cartesian_prod(t, torch.arange(h), torch.arange(w), torch.arange(1)))
+        return torch.cat(tokens, dim=1), torch.cat(ids).unsqueeze(0)
+
+    def mask_tokens(self, mask, width: int, height: int):
+        """A (1, 1, H, W) 0/1 mask -> per-token weights (1, h*w, 1), averaged over each token's 16x16 pixels."""
+        h, w = self.latent_grid(width, height)
+        m = torch.nn.functional.interpolate(mask, size=(h, w), mode="bilinear")
+        return self.pack(m)
+
     # -- model ---------------------------------------------------------------------------------------
-    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None):
-        """One transformer call. `timestep` is sigma*1000 in the latents' dtype, as the reference passes it."""
+    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None, refs=None):
+        """One transformer call. `timestep` is sigma*1000 in the latents' dtype, as the reference passes it.
+
+        Reference tokens (refs = (tokens, ids)) follow the image tokens; the prediction is sliced back to them.
+        """
         g = None
         if self.guidance_embeds:
             g = torch.full([x.shape[0]], guidance, device=x.device, dtype=torch.float32)
         t = self.c.transformer
-        return t(hidden_states=x.to(t.dtype), timestep=timestep / 1000, guidance=g,
-                 encoder_hidden_states=cond.embeds, txt_ids=cond.ids, img_ids=img_ids, return_dict=False)[0]
+        common = dict(timestep=timestep / 1000, guidance=g, encoder_hidden_states=cond.embeds, txt_ids=cond.ids,
+                      return_dict=False)
+        if refs is not None and refs.kv:
+            return self._velocity_kv(x, img_ids, refs, common)
+        n = x.shape[1]
+        if refs is not None:
+            b = x.shape[0]
+            x = torch.cat([x, refs.tokens.expand(b, -1, -1).to(x.dtype)], dim=1)
+            img_ids = torch.cat([img_ids, refs.ids.expand(b, -1, -1)], dim=1)
+        out = t(hidden_states=x.to(t.dtype), img_ids=img_ids, **common)[0]
+        return out[:, :n]
+
+    def use_kv_processors(self) -> None:
+        """Install diffusers' KV-aware attention processors (klein KV models), as Flux2KleinKVPipeline does."""
+        from diffusers.models.transformers.transformer_flux2 import (
+            Flux2KVAttnProcessor,
+            Flux2KVParallelSelfAttnProcessor,
+        )
+
+        for block in self.c.transformer.transformer_blocks:
+            block.attn.set_processor(Flux2KVAttnProcessor())
+        for block in self.c.transformer.single_transformer_blocks:
+            block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+
+    def _velocity_kv(self, x, img_ids, refs: References, common: dict):
+        """klein KV: references first, extracted once (they see only themselves), then served from the cache."""
+        t = self.c.transformer
+        if refs.cache is not None:
+            return t(hidden_states=x.to(t.dtype), img_ids=img_ids, kv_cache=refs.cache, kv_cache_mode="cached",
+                     **common)[0]
+        b = x.shape[0]
+        hidden = torch.cat([refs.tokens.expand(b, -1, -1), x], dim=1).to(t.dtype)
+        ids = torch.cat([refs.ids.expand(b, -1, -1), img_ids], dim=1)
+        out, cache = t(hidden_states=hidden, img_ids=ids, kv_cache_mode="extract",
+                       num_ref_tokens=refs.tokens.shape[1], **common)
+        if refs.reuse:
+            refs.cache = cache
+        return out
 
     # -- decode -------------------------------------------------------------------------------------
     def unpack(self, x, width: int, height: int):
