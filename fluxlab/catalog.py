@@ -40,6 +40,9 @@ class ModelSpec:
     # klein 9B-KV: reference tokens attend only to themselves at a fixed timestep, so their K/V are
     # computed once and reused across steps.
     kv_references: bool = False
+    # FLUX.1 Fill: inpainting by conditioning (masked image and mask as extra input channels) instead of by
+    # re-imposing the known region; needs --init and --mask.
+    fill: bool = False
 
     @property
     def distilled(self) -> bool:
@@ -133,6 +136,17 @@ CATALOG: dict[str, ModelSpec] = {
             license="flux-dev-non-commercial", gated=True,
             sizes_gb={"transformer": 23.8, "text_encoder": 9.77, "vae": 0.17},
             schedule="FLUX.1 linear mu (256 tokens -> 0.5, 4096 -> 1.15), exponential shift", max_references=0,
+        ),
+        ModelSpec(
+            name="flux1-fill-dev",
+            repo="black-forest-labs/FLUX.1-Fill-dev",
+            family="flux1",
+            description="FLUX.1 Fill [dev]: inpainting and outpainting (--init, --mask), 50 steps, guidance 30",
+            steps=50, guidance=30.0, guidance_mode="embedded", max_sequence_length=512,
+            text_encoder="google/t5-v1_1-xxl + openai/clip-vit-large-patch14",
+            license="flux-dev-non-commercial", gated=True,
+            sizes_gb={"transformer": 23.8, "text_encoder": 9.77, "vae": 0.17},
+            schedule="FLUX.1 linear mu, exponential shift", max_references=0, fill=True,
         ),
         ModelSpec(
             name="flux1-kontext-dev",

@@ -19,7 +19,7 @@ from .errors import UserError, did_you_mean
 
 # model_index.json pipeline classes we can run, and how each maps onto the catalog's vocabulary.
 FLUX2_PIPELINES = {"Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2Pipeline"}
-FLUX1_PIPELINES = {"FluxPipeline", "FluxKontextPipeline"}
+FLUX1_PIPELINES = {"FluxPipeline", "FluxKontextPipeline", "FluxFillPipeline"}
 
 # Component classes we instantiate, per library: a whitelist, so a model_index.json cannot name arbitrary code.
 DIFFUSERS_CLASSES = {"Flux2Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKLFlux2", "AutoencoderKL"}
@@ -85,16 +85,19 @@ def derive_spec(path: Path, name: str | None = None) -> ModelSpec:
                          kv_references=cls == "Flux2KleinKVPipeline", **common)
     if cls in FLUX1_PIPELINES:
         tcfg = _read_json(path / "transformer" / "config.json")
-        kontext = cls == "FluxKontextPipeline"
+        kontext, fill = cls == "FluxKontextPipeline", cls == "FluxFillPipeline"
         if kontext:
             mode, steps, guidance, seq = "embedded", 28, 2.5, 512
+        elif fill:
+            mode, steps, guidance, seq = "embedded", 50, 30.0, 512
         elif tcfg.get("guidance_embeds", False):
             mode, steps, guidance, seq = "embedded", 28, 3.5, 512
         else:
             mode, steps, guidance, seq = "none", 4, 0.0, 256
         return ModelSpec(family="flux1", description=f"local {cls}", steps=steps, guidance=guidance,
                          guidance_mode=mode, max_sequence_length=seq, text_encoder="T5 + CLIP",
-                         schedule="from scheduler_config.json", max_references=1 if kontext else 0, **common)
+                         schedule="from scheduler_config.json", max_references=1 if kontext else 0, fill=fill,
+                         **common)
     supported = ", ".join(sorted(FLUX2_PIPELINES | FLUX1_PIPELINES))
     raise UserError(f"{path} holds a {cls} pipeline, not a supported FLUX pipeline (supported: {supported})")
 

@@ -137,6 +137,9 @@ class Pipeline:
                 mproc = VaeImageProcessor(vae_scale_factor=self.family.vae_scale * 2, vae_latent_channels=vae_c,
                                           do_normalize=False, do_binarize=True, do_convert_grayscale=True)
                 m = mproc.preprocess(mask, height=job.height, width=job.width)
+                if self.spec.fill:  # Fill conditions on the mask instead of re-imposing the known region
+                    out["fill_mask"] = m.to(self.device, self.dtype)
+                    return out
                 out["mask"] = self.family.mask_tokens(m, job.width, job.height).to(self.device, self.dtype)
                 if self.spec.family == "flux2":  # klein inpainting sees the init image as its first reference
                     refs = [init, *refs]
@@ -195,7 +198,7 @@ class Pipeline:
         return s0 * noise + (1.0 - s0) * init_tokens, x_ids, (noise, init_tokens)
 
     def denoise(self, job: Job, x, img_ids, cond: Conditioning, uncond: Conditioning | None, sigmas,
-                generators=None, callback=None, refs=None, inpaint=None):
+                generators=None, callback=None, refs=None, inpaint=None, extra=None):
         """Run the sampler. `refs` are reference tokens; `inpaint` = (mask, noise, init tokens) re-imposes the
         known region after every step, on the init image's own noise path."""
         import torch
@@ -207,9 +210,9 @@ class Pipeline:
         def model(x, sigma):
             # The reference feeds the model sigma*1000 (float32), cast to the latents' dtype, then /1000.
             t = (sigma * 1000).expand(x.shape[0]).to(x.dtype)
-            v = family.velocity(x, t, cond, img_ids, guidance, refs)
+            v = family.velocity(x, t, cond, img_ids, guidance, refs, extra)
             if uncond is not None:  # real CFG: a second pass with the negative prompt
-                v_u = family.velocity(x, t, uncond, img_ids, guidance, refs)
+                v_u = family.velocity(x, t, uncond, img_ids, guidance, refs, extra)
                 v = v_u + guidance * (v - v_u)
             return v
 
@@ -311,12 +314,16 @@ class Pipeline:
                     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
                     x, img_ids, known = self.prepare_latents(job, generators, inputs, sigmas[0])
                 inpaint = (inputs["mask"], *known) if inputs["mask"] is not None else None
+                extra = None
+                if inputs.get("fill_mask") is not None:
+                    pixels = inputs["init"].to(self.device, self.dtype)
+                    extra = self.family.fill_condition(pixels, inputs["fill_mask"], generators, job.width, job.height)
                 refs = inputs["refs"]
                 if refs is not None and refs.kv:  # a fresh cache per batch (its K/V carry the batch size)
                     refs = dataclasses.replace(refs, cache=None)
                 with _timed(timings, "denoise"):
                     x = self.denoise(job, x, img_ids, cond, uncond, sigmas, generators, callback=step_cb,
-                                     refs=refs, inpaint=inpaint)
+                                     refs=refs, inpaint=inpaint, extra=extra)
                 with _timed(timings, "decode"):
                     z, images = self.decode(x, job)
                     pils = to_pil(images)

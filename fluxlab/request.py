@@ -262,12 +262,16 @@ def _edit_inputs(req: GenerateRequest, spec):
             raise UserError("--strength needs --init: the image to start from")
         if not (math.isfinite(req.strength) and 0 < req.strength <= 1):
             raise UserError(f"strength {req.strength:g} is out of range; valid: 0 < strength <= 1")
+    if spec.fill and (req.init is None or req.mask is None):
+        raise UserError(f"{spec.name} repaints a masked area: give --init IMAGE and --mask MASK (white = repaint)")
     init = inspect(req.init, "init image") if req.init is not None else None
     mask = inspect(req.mask, "mask", check_shape=False) if req.mask is not None else None
     strength = None
     if init is not None:
         # diffusers' default for img2img; inpainting repaints the masked area from pure noise by default.
         strength = req.strength if req.strength is not None else (1.0 if mask is not None else 0.6)
+        if spec.fill and req.strength is None:
+            strength = 1.0
     return refs, init, mask, strength
 
 

@@ -32,7 +32,7 @@ CORPUS = [
 ]
 
 KINDS = ("flux2-klein", "flux2-klein-base", "flux2-dev", "flux2-klein-kv", "flux1-schnell", "flux1-dev",
-         "flux1-kontext")
+         "flux1-kontext", "flux1-fill")
 
 # A Mistral-style chat template for the tiny FLUX.2 [dev] encoder: system and user turns whose content is a
 # list of typed parts, as diffusers' Flux2Pipeline formats them.
@@ -177,7 +177,7 @@ def tiny_flux2_dev_components(seed: int = 0, text_layers: int = 4):
     return {**parts, "text_encoder": text_encoder, "tokenizer": tokenizer, "transformer": transformer}
 
 
-def tiny_flux1_components(guidance_embeds: bool, seed: int = 0):
+def tiny_flux1_components(guidance_embeds: bool, seed: int = 0, fill: bool = False):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -223,9 +223,11 @@ def tiny_flux1_components(guidance_embeds: bool, seed: int = 0):
         )
     ).eval()
     torch.manual_seed(seed + 2)
+    # Fill takes packed latents (16), the masked image's packed latents (16) and the 8x8-folded mask (256).
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,
+        in_channels=16 + 16 + 256 if fill else 16,
+        out_channels=16,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -271,6 +273,7 @@ def build_pipeline(kind: str, seed: int = 0):
         "flux2-dev": ("Flux2Pipeline", lambda: tiny_flux2_dev_components(seed=seed)),
         "flux2-klein-kv": ("Flux2KleinKVPipeline", lambda: tiny_flux2_components(distilled=True, seed=seed)),
         "flux1-kontext": ("FluxKontextPipeline", lambda: tiny_flux1_components(guidance_embeds=True, seed=seed)),
+        "flux1-fill": ("FluxFillPipeline", lambda: tiny_flux1_components(guidance_embeds=True, seed=seed, fill=True)),
         "flux1-schnell": ("FluxPipeline", lambda: tiny_flux1_components(guidance_embeds=False, seed=seed)),
         "flux1-dev": ("FluxPipeline", lambda: tiny_flux1_components(guidance_embeds=True, seed=seed)),
     }

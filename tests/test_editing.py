@@ -44,7 +44,7 @@ def edit_dirs(tmp_path_factory):
     from fluxlab.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("tiny-edit")
-    return {k: build_tiny(k, root / k) for k in ("flux2-klein-kv", "flux1-kontext")}
+    return {k: build_tiny(k, root / k) for k in ("flux2-klein-kv", "flux1-kontext", "flux1-fill")}
 
 
 def _ref(cls_name, path):
@@ -118,6 +118,17 @@ def test_kontext_matches_diffusers(edit_dirs, imgs):
                guidance_scale=2.5, generator=_gen(4), output_type="latent").images
     _, got = _ours(edit_dirs["flux1-kontext"], steps=3, seed=4, images=[imgs["c"]])
     assert (got - _flux1_latents(ref, want)).abs().max().item() <= 1e-5
+
+
+def test_flux1_fill_matches_diffusers(edit_dirs, imgs, tmp_path, capsys):
+    ref = _ref("FluxFillPipeline", edit_dirs["flux1-fill"])
+    want = ref(prompt=PROMPT, image=Image.open(imgs["init"]), mask_image=Image.open(imgs["mask"]), height=H, width=W,
+               num_inference_steps=3, guidance_scale=30.0, generator=_gen(4), output_type="latent").images
+    _, got = _ours(edit_dirs["flux1-fill"], steps=3, seed=4, init=imgs["init"], mask=imgs["mask"])
+    assert (got - _flux1_latents(ref, want)).abs().max().item() <= 1e-5
+    code, _, err = run(capsys, "generate", "x", "-m", edit_dirs["flux1-fill"], "--init", imgs["init"],
+                       "-o", tmp_path / "x.png")
+    assert code == 2 and "repaints a masked area: give --init IMAGE and --mask MASK" in err
 
 
 def test_kv_cached_references_match_diffusers_and_uncached(edit_dirs, imgs):

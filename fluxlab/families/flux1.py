@@ -21,7 +21,7 @@ class Flux1:
         self.c = c
         self.max_sequence_length = max_sequence_length
         self.vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
-        self.latent_channels = c.transformer.config.in_channels // 4  # before the 2x2 packing
+        self.latent_channels = c.vae.config.latent_channels  # before the 2x2 packing
         self.guidance_embeds = bool(c.transformer.config.guidance_embeds)
 
     @torch.no_grad()
@@ -89,11 +89,25 @@ class Flux1:
         ids[..., 2] += torch.arange(w)[None, :]
         return ids.reshape(h * w, 3).to(device=device, dtype=dtype or self.c.text_encoder.dtype)
 
-    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None, refs=None):
+    def fill_condition(self, pixels, mask, generators, width: int, height: int):
+        """FLUX.1 Fill's extra input channels: the masked image's latents (a posterior sample per image, drawn
+        after its noise, as diffusers does) and the mask folded 8x8 into channels, both packed."""
+        vae_scale = self.vae_scale
+        masked = pixels * (1 - mask)
+        z = torch.cat([self.encode_image(masked, g) for g in generators]).to(pixels.dtype)
+        b = z.shape[0]
+        h, w = z.shape[-2:]
+        m = mask[:, 0].reshape(1, h, vae_scale, w, vae_scale).permute(0, 2, 4, 1, 3)
+        m = m.reshape(1, vae_scale * vae_scale, h, w).expand(b, -1, -1, -1)
+        return torch.cat([self.pack(z), self.pack(m.contiguous())], dim=-1)
+
+    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None, refs=None, extra=None):
         g = None
         if self.guidance_embeds:
             g = torch.full([1], guidance, device=x.device, dtype=torch.float32).expand(x.shape[0])
         n = x.shape[1]
+        if extra is not None:  # Fill: conditioning channels next to each token's latents
+            x = torch.cat([x, extra], dim=2)
         if refs is not None:  # Kontext: the input image's tokens follow the image's
             x = torch.cat([x, refs.tokens.expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)
             img_ids = torch.cat([img_ids, refs.ids], dim=0)

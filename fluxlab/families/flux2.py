@@ -135,7 +135,7 @@ class Flux2:
         return self.pack(m)
 
     # -- model ---------------------------------------------------------------------------------------
-    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None, refs=None):
+    def velocity(self, x, timestep, cond: Conditioning, img_ids, guidance: float | None, refs=None, extra=None):
         """One transformer call. `timestep` is sigma*1000 in the latents' dtype, as the reference passes it.
 
         Reference tokens (refs = (tokens, ids)) follow the image tokens; the prediction is sliced back to them.
