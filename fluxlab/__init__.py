@@ -11,11 +11,13 @@ Importing this package loads no weights and imports no torch; `load` does that w
 __version__ = "0.1.0"
 
 
-def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str | None = None, notify=None):
-    """Load a model and return a `fluxlab.pipeline.Pipeline`; see that module."""
+def load(model: str, **options):
+    """Load a model (catalog name, local diffusers directory or hub repo id) and return a
+    `fluxlab.pipeline.Pipeline` that keeps it in memory. Options: device, dtype, transformer, notify, lean;
+    see `fluxlab.pipeline.load`."""
     from .pipeline import load as _load
 
-    return _load(model, device=device, dtype=dtype, transformer=transformer, notify=notify)
+    return _load(model, **options)
 
 
 __all__ = ["__version__", "load"]

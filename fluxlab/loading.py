@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .catalog import CATALOG, ModelSpec
+from .catalog import CATALOG, ModelSpec, text_encoder_layers
 from .errors import UserError, did_you_mean
 
 # model_index.json pipeline classes we can run, and how each maps onto the catalog's vocabulary.
@@ -48,6 +48,7 @@ class Components:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     scheduler_config: dict | None = None
+    text_layers: tuple[int, ...] | None = None  # FLUX.2: encoder hidden states to stack (of the full encoder)
 
 
 # -- locating ---------------------------------------------------------------------------------------------
@@ -180,11 +181,41 @@ def check_safetensors(files) -> None:
             raise UserError(f"{f} is not a valid safetensors file ({e})") from None
 
 
-def _component(path: Path, name: str, index: dict, dtype):
+# FLUX.2 encoders: the class to load instead (the bare decoder: no LM head, no vision tower's head).
+LEAN_ENCODERS = {"Qwen3ForCausalLM": "Qwen3Model", "Qwen3Model": "Qwen3Model",
+                 "Mistral3ForConditionalGeneration": "Mistral3Model"}
+
+
+def load_lean_encoder(folder: Path, cls: str, dtype):
+    """A FLUX.2 text encoder cut after the deepest layer FLUX.2 reads (3L/4 of L), without its LM head.
+
+    FLUX.2 stacks the hidden states after layers L/4, L/2 and 3L/4; the rest of the network (a quarter of
+    the layers and the vocabulary projection) never influences the embeddings. The decoder's final norm is
+    made the identity, because a model cut at layer k would otherwise normalise the state it returns as
+    hidden_states[k], which the full model leaves unnormalised. Returns (model, the full model's layers).
+    """
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    text_cfg = getattr(cfg, "text_config", cfg)
+    layers = text_encoder_layers(text_cfg.num_hidden_layers)
+    text_cfg.num_hidden_layers = max(layers)
+    model = getattr(transformers, LEAN_ENCODERS[cls]).from_pretrained(folder, config=cfg, dtype=dtype,
+                                                                     use_safetensors=True)
+    decoder = getattr(model, "language_model", model)
+    decoder.norm = torch.nn.Identity()
+    return model.eval(), layers
+
+
+def _component(path: Path, name: str, index: dict, dtype, lean: bool = True):
     lib, cls = index[name]
     folder = path / name
     if not folder.is_dir():
         raise UserError(f"{path} is missing the {name}/ folder that its model_index.json lists")
+    if lean and name == "text_encoder" and cls in LEAN_ENCODERS and index.get("_class_name") in FLUX2_PIPELINES:
+        check_safetensors(folder.glob("*.safetensors"))
+        return load_lean_encoder(folder, cls, dtype)
     if cls in DIFFUSERS_CLASSES:
         check_safetensors(folder.glob("*.safetensors"))
         import diffusers
@@ -214,7 +245,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_components(path: Path, dtype, device, transformer_file: str | None = None) -> Components:
+def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True
+                    ) -> Components:
+    """Load a pipeline's parts. `lean` cuts FLUX.2 text encoders after the deepest layer used (see
+    load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
     _quiet_libraries()
     index = _read_json(path / "model_index.json")
     needed = ["transformer", "vae", "text_encoder", "tokenizer"]
@@ -227,15 +261,18 @@ def load_components(path: Path, dtype, device, transformer_file: str | None = No
         transformer = load_transformer_file(transformer_file, path / "transformer", dtype)
     else:
         transformer = _component(path, "transformer", index, dtype)
-    parts = {n: _component(path, n, index, dtype) for n in needed if n != "transformer"}
+    parts = {n: _component(path, n, index, dtype, lean) for n in needed if n != "transformer"}
     parts["transformer"] = transformer
+    text_layers = None
+    if isinstance(parts["text_encoder"], tuple):
+        parts["text_encoder"], text_layers = parts["text_encoder"]
     for n, m in parts.items():
         if hasattr(m, "to") and not n.startswith("tokenizer"):
             m.to(device)
             m.requires_grad_(False)
     sched = path / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(sched) if sched.is_file() else {}
-    return Components(scheduler_config=scheduler_config, **parts)
+    return Components(scheduler_config=scheduler_config, text_layers=text_layers, **parts)
 
 
 def _bfl_to_diffusers(sd: dict, family: str) -> dict:

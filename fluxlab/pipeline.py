@@ -397,7 +397,7 @@ def _repeat(cond: Conditioning, n: int) -> Conditioning:
 
 
 def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str | None = None,
-         notify: Callable[[str], None] | None = None) -> Pipeline:
+         notify: Callable[[str], None] | None = None, lean: bool = True) -> Pipeline:
     """Load a model (catalog name, local diffusers directory, or hub repo id) and keep it in memory.
 
         pipe = fluxlab.load("flux2-klein-4b")
@@ -410,6 +410,6 @@ def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str
     source = fetch(locate(model))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    components = load_components(source.path, dt, dev, transformer_file=transformer)
+    components = load_components(source.path, dt, dev, transformer_file=transformer, lean=lean)
     return Pipeline(source.spec, source.label, components, dev, dt, transformer_file=transformer,
                     load_seconds=time.perf_counter() - t0, notify=notify)

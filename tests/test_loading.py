@@ -100,3 +100,19 @@ def test_single_file_errors(tiny_dirs, tmp_path, tiny_pipes):
     save_file(tiny_pipes["flux1-dev"].components.transformer.state_dict(), flux1)
     with pytest.raises(UserError, match="does not fit this flux2 transformer"):
         load_transformer_file(str(flux1), cfg, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["flux2-klein", "flux2-dev"])
+def test_lean_encoder_embeddings_equal_the_full_encoders(tiny_dirs, kind):
+    import fluxlab
+
+    lean = fluxlab.load(str(tiny_dirs[kind]), device="cpu", dtype="fp32")
+    full = fluxlab.load(str(tiny_dirs[kind]), device="cpu", dtype="fp32", lean=False)
+    prompts = ["a red circle", "a blue square in the center on a black background"]
+    a = lean.family.encode(prompts, lean.device)
+    b = full.family.encode(prompts, full.device)
+    assert torch.equal(a.embeds, b.embeds)
+    n_lean = sum(p.numel() for p in lean.components.text_encoder.parameters())
+    n_full = sum(p.numel() for p in full.components.text_encoder.parameters())
+    assert n_lean < n_full  # layers past 3L/4 and the LM head are never loaded
+    assert not hasattr(lean.components.text_encoder, "lm_head")

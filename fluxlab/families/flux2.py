@@ -31,7 +31,8 @@ class Flux2:
         self.max_sequence_length = max_sequence_length
         cfg = c.text_encoder.config
         depth = getattr(cfg, "text_config", cfg).num_hidden_layers
-        self.layers = tuple(layers) if layers else text_encoder_layers(depth)
+        # A lean (truncated) encoder knows the full model's layers; a whole one derives them from its depth.
+        self.layers = tuple(layers or getattr(c, "text_layers", None) or text_encoder_layers(depth))
         self.vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
         self.latent_channels = c.transformer.config.in_channels  # after the 2x2 patchify
         self.guidance_embeds = bool(c.transformer.config.guidance_embeds)
