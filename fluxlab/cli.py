@@ -102,6 +102,9 @@ def generate(
     mask: Annotated[str | None, Opt(help="Inpainting mask for --init: white = repaint.")] = None,
     dtype: Annotated[str, Opt(help="auto|bf16|fp16|fp32 (auto: bf16 where fast).")] = "auto",
     device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
+    memory: Annotated[str, Opt(help="Memory plan: auto | speed | balanced | low.")] = "auto",
+    budget: Annotated[str | None, Opt(help="Plan for this much device memory, e.g. 6GB.")] = None,
+    quantize: Annotated[str | None, Opt(help="Quantize weights: int8 (any device) | fp8 | nf4 (CUDA).")] = None,
     out_path: Annotated[str | None, Opt("-o", "--out", help="FILE.png or a directory (default: outputs/).")] =
         None,
     transformer: Annotated[str | None, Opt(help="Single-file transformer .safetensors over the base model.")] =
@@ -133,6 +136,7 @@ def generate(
         raise UserError(f"--batch-size {batch_size} is invalid; it must be 1 or more")
     if preview_every < 0:
         raise UserError(f"--preview-every {preview_every} is invalid; it must be 0 or more")
+    _check_memory_flags(memory, budget, quantize)
     requests = [make_request(prompt=p, **given) for p in prompts]
 
     # Validate against the model before loading any weights, so bad input fails in milliseconds.
@@ -150,7 +154,8 @@ def generate(
 
     notify = (lambda m: None) if quiet else _say
     with err.status("loading model...", spinner="dots") if not quiet and err.is_terminal else _nullctx():
-        pipe = load(model, device=device, dtype=dtype, transformer=transformer, notify=notify)
+        pipe = load(model, device=device, dtype=dtype, transformer=transformer, notify=notify, memory=memory,
+                    budget=budget, quantize=quantize)
     jobs = [resolve(r, pipe.spec) for r in requests]
     total = sum(len(j.seeds) for j in jobs)
     paths = iter(output_paths(out_path, total, [s for j in jobs for s in j.seeds]))
@@ -176,6 +181,19 @@ def generate(
         from .output import atomic_write
 
         atomic_write(Path(report), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def _check_memory_flags(memory: str, budget: str | None, quantize: str | None) -> None:
+    """Memory flags checked before any weights load."""
+    from .memory import MODES, parse_size
+    from .quantize import MODES as QMODES
+
+    if memory not in MODES:
+        raise UserError(f"unknown memory mode {memory!r}; valid: {', '.join(MODES)}")
+    if budget is not None and parse_size(budget) <= 0:
+        raise UserError(f"--budget {budget} must be more than 0")
+    if quantize is not None and quantize not in QMODES:
+        raise UserError(f"unknown quantization {quantize!r}; valid: {', '.join(QMODES)}")
 
 
 def _from_image(path, model, transformer, dtype, given):
@@ -439,6 +457,27 @@ def grid(
     title = f"{prompt} | {pipe.label} | seed {seed}"
     save_png(contact_sheet(cells, ax, ay, title), folder / "sheet.png", {"grid": {"x": x, "y": y}, "prompt": prompt})
     out.print(f"wrote {len(cells)} images, {folder / 'sheet.png'} and {folder / 'grid.csv'}")
+
+
+@app.command("device")
+def device_info(device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = "auto"):
+    """What this machine offers: device, the dtype auto picks, free memory, quantization modes."""
+    from .devices import cpu_has_fast_bf16, dtype_name, resolve_device, resolve_dtype
+    from .executor import device_budget
+    from .memory import GB
+    from .quantize import supported_modes
+
+    dev = resolve_device(device)
+    name = dev.type
+    if dev.type == "cuda":
+        import torch
+
+        name = f"{torch.cuda.get_device_name(dev)} ({dev})"
+    out.print(f"device: {name}")
+    out.print(f"dtype auto: {dtype_name(resolve_dtype('auto', dev))}"
+              + (" (CPU with AMX/AVX512-BF16)" if dev.type == "cpu" and cpu_has_fast_bf16() else ""))
+    out.print(f"free memory: {device_budget(dev) / GB:.1f} GB")
+    out.print(f"quantization: {', '.join(supported_modes(dev))}")
 
 
 preset_app = typer.Typer(help="Named sets of generation settings (stored in your config directory).",

@@ -235,8 +235,15 @@ def _component(path: Path, name: str, index: dict, dtype, lean: bool = True):
     raise UserError(f"{folder} has component class {lib}.{cls}, which fluxlab does not load")
 
 
-def _quiet_libraries() -> None:
-    """Turn off the per-file progress bars diffusers and transformers print while loading."""
+def quiet_libraries() -> None:
+    """Silence what the libraries print that users cannot act on: per-file loading progress bars, torchao's
+    notes about optional CUDA kernels missing on a CPU-only machine, torch's deprecation chatter. Must run
+    before diffusers is first imported (some of it is printed at import)."""
+    import logging
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("torch.utils._pytree", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers
     import transformers
 
@@ -249,7 +256,7 @@ def load_components(path: Path, dtype, device, transformer_file: str | None = No
                     ) -> Components:
     """Load a pipeline's parts. `lean` cuts FLUX.2 text encoders after the deepest layer used (see
     load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
-    _quiet_libraries()
+    quiet_libraries()
     index = _read_json(path / "model_index.json")
     needed = ["transformer", "vae", "text_encoder", "tokenizer"]
     if index.get("_class_name") in FLUX1_PIPELINES:

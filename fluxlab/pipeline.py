@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__
 from .catalog import ModelSpec
+from .errors import UserError
 from .families import Conditioning, References, get_family
 from .request import GenerateRequest, Job, make_request, resolve
 
@@ -71,6 +72,10 @@ class Pipeline:
         self._prompt_cache: dict[str, Conditioning] = {}
         self._rgb = None  # latent -> RGB preview projection, fitted on first use
         self.kv_cache = True  # reuse reference K/V across steps on models that support it (klein KV)
+        self.memory = "auto"  # planner mode: auto | speed | balanced | low
+        self.budget: int | None = None  # device bytes to plan for (None: what the device has free)
+        self.plan = None
+        self.quantized: str | None = None
         if spec.kv_references:
             self.family.use_kv_processors()
         self.encode_seconds = 0.0
@@ -281,12 +286,14 @@ class Pipeline:
         """Like generate(), yielding each image as soon as its batch is decoded.
 
         `callback(info)` is called at every step with i, steps, x, sigma, denoised and the batch's seeds.
+        Out of device memory, the plan steps down (memory.next_smaller) and the batch is retried.
         """
         import torch
 
         encode_before = self.encode_seconds
         job = self.validate(request, fields)
         use_cfg = self.spec.guidance_mode == "cfg" and job.guidance > 1.0
+        plan = self.plan_for(job, batch_size)
         with torch.inference_mode():
             cond1 = self._encode_timed([job.prompt])
             uncond1 = self._encode_timed([job.negative]) if use_cfg else None
@@ -295,43 +302,57 @@ class Pipeline:
                 from .request import kept_steps
 
                 sigmas = sigmas[job.steps - kept_steps(job.steps, job.strength):]
-            with _timed(timings0 := {}, "inputs"):
+            timings0: dict = {}
+            with _timed(timings0, "inputs"):
                 inputs = self.prepare_inputs(job)
-            bs = batch_size or self.default_batch_size(job)
-            for start in range(0, len(job.seeds), bs):
-                seeds = job.seeds[start:start + bs]
-                cond = _repeat(cond1, len(seeds))
-                uncond = _repeat(uncond1, len(seeds)) if use_cfg else None
-                timings = {"load": round(self.load_seconds, 4), **timings0}
-                timings0 = {}
-                timings["encode"] = round(self.encode_seconds - encode_before, 4)
-                encode_before = self.encode_seconds
-                step_cb = None
-                if callback is not None:
-                    def step_cb(info, seeds=seeds):
-                        callback({**info, "steps": len(sigmas) - 1, "seeds": seeds})
-                with _timed(timings, "prepare"):
-                    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-                    x, img_ids, known = self.prepare_latents(job, generators, inputs, sigmas[0])
-                inpaint = (inputs["mask"], *known) if inputs["mask"] is not None else None
-                extra = None
-                if inputs.get("fill_mask") is not None:
-                    pixels = inputs["init"].to(self.device, self.dtype)
-                    extra = self.family.fill_condition(pixels, inputs["fill_mask"], generators, job.width, job.height)
-                refs = inputs["refs"]
-                if refs is not None and refs.kv:  # a fresh cache per batch (its K/V carry the batch size)
-                    refs = dataclasses.replace(refs, cache=None)
-                with _timed(timings, "denoise"):
-                    x = self.denoise(job, x, img_ids, cond, uncond, sigmas, generators, callback=step_cb,
-                                     refs=refs, inpaint=inpaint, extra=extra)
-                with _timed(timings, "decode"):
-                    z, images = self.decode(x, job)
-                    pils = to_pil(images)
-                timings = {k: round(v, 4) for k, v in timings.items()}
-                n_steps = len(sigmas) - 1
-                timings["it_per_s"] = round(n_steps / timings["denoise"], 3) if timings["denoise"] else None
+            remaining, batch_index = list(job.seeds), 0
+            while remaining:
+                seeds = tuple(remaining[:plan.batch_size])
+                timings = {"load": round(self.load_seconds, 4), **timings0,
+                           "encode": round(self.encode_seconds - encode_before, 4)}
+                try:
+                    batch = self._batch(job, seeds, sigmas, inputs, cond1, uncond1, timings, callback)
+                except Exception as e:
+                    if not _is_oom(e):
+                        raise
+                    plan = self._step_down(plan, e)
+                    continue
+                timings0, encode_before = {}, self.encode_seconds
                 for i, seed in enumerate(seeds):
-                    yield Result(pils[i], seed, self.metadata(job, seed, mu), z[i:i + 1], timings, start // bs)
+                    yield Result(batch[0][i], seed, self.metadata(job, seed, mu), batch[1][i:i + 1], batch[2],
+                                 batch_index)
+                remaining, batch_index = remaining[len(seeds):], batch_index + 1
+
+    def _batch(self, job, seeds, sigmas, inputs, cond1, uncond1, timings, callback):
+        """One forward-pass batch: noise -> denoise -> decode. Returns (PIL images, latents, timings)."""
+        import torch
+
+        cond = _repeat(cond1, len(seeds))
+        uncond = _repeat(uncond1, len(seeds)) if uncond1 is not None else None
+        step_cb = None
+        if callback is not None:
+            def step_cb(info):
+                callback({**info, "steps": len(sigmas) - 1, "seeds": seeds})
+        with _timed(timings, "prepare"):
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            x, img_ids, known = self.prepare_latents(job, generators, inputs, sigmas[0])
+        inpaint = (inputs["mask"], *known) if inputs["mask"] is not None else None
+        extra = None
+        if inputs.get("fill_mask") is not None:
+            pixels = inputs["init"].to(self.device, self.dtype)
+            extra = self.family.fill_condition(pixels, inputs["fill_mask"], generators, job.width, job.height)
+        refs = inputs["refs"]
+        if refs is not None and refs.kv:  # a fresh cache per batch (its K/V carry the batch size)
+            refs = dataclasses.replace(refs, cache=None)
+        with _timed(timings, "denoise"):
+            x = self.denoise(job, x, img_ids, cond, uncond, sigmas, generators, callback=step_cb, refs=refs,
+                             inpaint=inpaint, extra=extra)
+        with _timed(timings, "decode"):
+            z, images = self.decode(x, job)
+            pils = to_pil(images)
+        timings = {k: round(v, 4) for k, v in timings.items()}
+        timings["it_per_s"] = round((len(sigmas) - 1) / timings["denoise"], 3) if timings["denoise"] else None
+        return pils, z, timings
 
     def _encode_timed(self, prompts):
         t0 = time.perf_counter()
@@ -340,23 +361,68 @@ class Pipeline:
         finally:
             self.encode_seconds += time.perf_counter() - t0
 
-    def default_batch_size(self, job: Job) -> int:
-        """Images per forward pass when the caller does not say: all of them on a GPU with room, else one.
+    # -- memory -------------------------------------------------------------------------------------
+    def plan_for(self, job: Job, batch_size: int | None = None):
+        """The memory plan for a job: planned against the device budget on a GPU or when a --budget is set;
+        on a CPU without one, everything stays resident in host memory (batch 1: on a CPU a larger batch is
+        no faster, it only adds memory)."""
+        from .executor import model_sizes
+        from .memory import Plan, make_plan
 
-        On a CPU a larger batch does not run faster (the matmuls already fill the cores) and only adds memory.
-        """
-        if self.device.type != "cuda":
-            return 1
+        wanted = batch_size or min(len(job.seeds), 16)
+        if self.budget is None and self.device.type != "cuda":
+            return self.plan if self.plan and self.plan.batch_size == (batch_size or 1) else \
+                Plan("resident", batch_size or 1, False, None, 0, 0, True)
+        from .executor import device_budget
+
+        budget = self.budget if self.budget is not None else device_budget(self.device) + self._placed_bytes()
+        h, w = self.family.latent_grid(job.width, job.height)
+        plan = make_plan(model_sizes(self.components), job.width, job.height, wanted, budget,
+                         mode=self.memory, text_tokens=self.spec.max_sequence_length,
+                         dtype_bytes=torch_bits(self.dtype) // 8, ref_tokens=len(job.images) * h * w)
+        if batch_size and plan.batch_size != batch_size:
+            self.notify(f"--batch-size {batch_size} does not fit; using {plan.batch_size}")
+        if plan != self.plan:
+            self.set_plan(plan)
+        return plan
+
+    def set_plan(self, plan) -> None:
+        from .executor import apply
+
+        if not plan.fits:
+            self.notify(f"{plan.line()}; trying anyway")
+        else:
+            self.notify(plan.line())
+        apply(self.components, plan, self.device)
+        self.plan = plan
+
+    def _placed_bytes(self) -> int:
+        """Device bytes our own models hold now (free memory plus these is what a plan may use)."""
+        if self.plan is None or self.device.type != "cuda":
+            return 0
         import torch
 
-        free, _ = torch.cuda.mem_get_info(self.device)
-        h, w = self.family.latent_grid(job.width, job.height)
-        tokens = h * w + self.spec.max_sequence_length
-        hidden = self.components.transformer.config.num_attention_heads * \
-            self.components.transformer.config.attention_head_dim
-        # Rough activation size per image: ~24 tensors of tokens x hidden live at once in a block.
-        per_image = 24 * tokens * hidden * torch.finfo(self.dtype).bits // 8
-        return max(1, min(len(job.seeds), 16, int(free * 0.5 // max(per_image, 1))))
+        return torch.cuda.memory_allocated(self.device)
+
+    def _step_down(self, plan, error):
+        import gc
+
+        from .memory import next_smaller
+
+        gc.collect()
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        smaller = next_smaller(plan)
+        if smaller is None:
+            smallest = plan.line().removeprefix("plan: ")
+            raise UserError(f"out of memory even with the smallest plan tried ({smallest}); "
+                            f"use a smaller size or --quantize int8") from None
+        self.notify(f"out of memory with {plan.line().removeprefix('plan: ')}; retrying with "
+                    f"{smaller.line().removeprefix('plan: ')}")
+        self.set_plan(smaller)
+        return smaller
 
     def metadata(self, job: Job, seed: int, mu: float | None) -> dict:
         from .devices import dtype_name
@@ -381,12 +447,29 @@ class Pipeline:
         }
         if job.eta:
             meta["eta"] = job.eta
+        if self.quantized:
+            meta["quantize"] = self.quantized
+        if self.plan is not None and self.plan.budget:
+            meta["memory_plan"] = self.plan.as_dict()
         if job.strength is not None:
             meta["strength"] = job.strength
         inputs = job.inputs()
         if inputs:
             meta["inputs"] = inputs
         return meta
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def torch_bits(dtype) -> int:
+    import torch
+
+    return torch.finfo(dtype).bits
 
 
 def _repeat(cond: Conditioning, n: int) -> Conditioning:
@@ -397,19 +480,42 @@ def _repeat(cond: Conditioning, n: int) -> Conditioning:
 
 
 def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str | None = None,
-         notify: Callable[[str], None] | None = None, lean: bool = True) -> Pipeline:
+         notify: Callable[[str], None] | None = None, lean: bool = True, memory: str = "auto",
+         budget: str | int | None = None, quantize: str | None = None) -> Pipeline:
     """Load a model (catalog name, local diffusers directory, or hub repo id) and keep it in memory.
 
         pipe = fluxlab.load("flux2-klein-4b")
         image = pipe.generate(prompt="a lighthouse at dusk", seed=7)[0].image
-    """
-    from .devices import resolve_device, resolve_dtype
-    from .loading import fetch, load_components, locate
 
+    memory (auto | speed | balanced | low) and budget ("6GB") steer the memory planner; quantize (int8 | fp8 |
+    nf4) quantizes the transformer's and text encoders' weights.
+    """
+    from .loading import fetch, load_components, locate, quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    from .devices import resolve_device, resolve_dtype
+    from .memory import MODES, parse_size
+
+    if memory not in MODES:
+        raise UserError(f"unknown memory mode {memory!r}; valid: {', '.join(MODES)}")
+    budget_bytes = parse_size(budget) if isinstance(budget, str) else budget
     t0 = time.perf_counter()
     source = fetch(locate(model))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    components = load_components(source.path, dt, dev, transformer_file=transformer, lean=lean)
-    return Pipeline(source.spec, source.label, components, dev, dt, transformer_file=transformer,
-                    load_seconds=time.perf_counter() - t0, notify=notify)
+    # Models load into host memory; on a GPU the memory plan then decides what goes on the device.
+    stage = dev if dev.type == "cpu" else torch.device("cpu")
+    components = load_components(source.path, dt, stage, transformer_file=transformer, lean=lean)
+    pipe = Pipeline(source.spec, source.label, components, dev, dt, transformer_file=transformer,
+                    notify=notify)
+    pipe.memory, pipe.budget = memory, budget_bytes
+    if quantize:
+        from .quantize import quantize as run_quantize
+
+        done = run_quantize(components, quantize, stage)
+        pipe.quantized = quantize
+        pipe.notify(f"quantized {', '.join(done)} to {quantize}")
+    pipe.load_seconds = time.perf_counter() - t0
+    return pipe
