@@ -157,6 +157,7 @@ def generate(
         pipe = load(model, device=device, dtype=dtype, transformer=transformer, notify=notify, memory=memory,
                     budget=budget, quantize=quantize)
     jobs = [resolve(r, pipe.spec) for r in requests]
+    pipe.encode_jobs(jobs)  # then the text encoders are released before the transformer loads
     total = sum(len(j.seeds) for j in jobs)
     paths = iter(output_paths(out_path, total, [s for j in jobs for s in j.seeds]))
     previewer = _Previewer(pipe, previews, preview_every) if previews else None
@@ -175,6 +176,7 @@ def generate(
                 else:
                     out.print(f"wrote {p}  (seed {res.seed}, {job.width}x{job.height}, {job.steps} steps)")
     summary = _summary(rows, peak, pipe)
+    summary["phases_s"]["encode"] = round(pipe.encode_seconds, 4)
     if not quiet:
         _print_summary(summary)
     if report:
@@ -299,7 +301,7 @@ def _summary(rows, peak, pipe) -> dict:
             for k in ("encode", "prepare", "denoise", "decode"):
                 total[k] += r.get(k) or 0.0
         total["save"] += r["save"]
-    total["load"] = rows[0]["load"] if rows else 0.0
+    total["load"] = round(pipe.load_seconds, 4)
     return {
         "images": len(rows),
         "phases_s": {k: round(v, 4) for k, v in total.items()},
@@ -459,6 +461,58 @@ def grid(
     out.print(f"wrote {len(cells)} images, {folder / 'sheet.png'} and {folder / 'grid.csv'}")
 
 
+@app.command()
+def bench(
+    model: Annotated[str, Opt("-m", "--model")] = "flux2-klein-4b",
+    sizes: Annotated[str, Opt(help="Square sizes to time, e.g. 512,1024.")] = "512,1024",
+    steps: Annotated[int | None, Opt(help="Steps (default: the model's).")] = None,
+    batch: Annotated[int, Opt(help="Images per forward pass.")] = 1,
+    find_max: Annotated[bool, Opt(help="Search the largest size, then batch, that fit the budget.")] = False,
+    budget: Annotated[str | None, Opt(help="Memory budget, e.g. 6GB (default: the device's free memory).")] = None,
+    memory: Annotated[str, Opt(help="Memory plan: auto | speed | balanced | low.")] = "auto",
+    dtype: Annotated[str, Opt()] = "auto",
+    device: Annotated[str, Opt()] = "auto",
+):
+    """Time a model on this machine: phases, it/s, peak memory; --find-max; saves a hardware profile."""
+    from rich.table import Table
+
+    from .benchmark import find_max as search
+    from .benchmark import measure, write_profile
+    from .executor import device_budget
+    from .memory import parse_size
+    from .pipeline import load
+
+    size_list = parse_int_list(sizes, "--sizes")
+    _check_memory_flags(memory, budget, None)
+    pipe = load(model, device=device, dtype=dtype, notify=_say, memory=memory, budget=budget)
+    measure(pipe, min(size_list), 1, 1)  # warm-up: loads the models and fills caches; not reported
+    table = Table("size", "batch", "encode s", "denoise s", "decode s", "total s", "it/s", "peak host GB",
+                  "peak device GB", title=f"{pipe.label} on {pipe.device}", title_justify="left")
+
+    def row(m):
+        s = m.seconds
+        table.add_row(f"{m.width}x{m.height}", str(m.batch), f"{s['encode']:.2f}", f"{s['denoise']:.2f}",
+                      f"{s['decode']:.2f}", f"{s['total']:.2f}", f"{m.it_per_s or 0:.2f}", f"{m.peak_host_gb:.2f}",
+                      "-" if m.peak_device_gb is None else f"{m.peak_device_gb:.2f}")
+
+    runs = []
+    for size in size_list:
+        m = measure(pipe, size, batch, steps)
+        runs.append(m)
+        row(m)
+    max_size = max_batch = None
+    if find_max:
+        limit = parse_size(budget) if budget else device_budget(pipe.device)
+        max_size, max_batch, tried = search(pipe, limit, steps, on_try=lambda m, plan: row(m))
+        runs += tried
+    out.print(table)
+    if find_max:
+        out.print(f"largest size that fits {parse_size(budget) / 2**30 if budget else limit / 2**30:.1f} GB: "
+                  f"{max_size}x{max_size}" + (f", batch {max_batch}" if max_batch else "") if max_size else
+                  "nothing fits this budget")
+    out.print(f"profile saved to {write_profile(pipe, runs, max_size, max_batch)}")
+
+
 @app.command("device")
 def device_info(device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = "auto"):
     """What this machine offers: device, the dtype auto picks, free memory, quantization modes."""
@@ -475,7 +529,7 @@ def device_info(device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = 
         name = f"{torch.cuda.get_device_name(dev)} ({dev})"
     out.print(f"device: {name}")
     out.print(f"dtype auto: {dtype_name(resolve_dtype('auto', dev))}"
-              + (" (CPU with AMX/AVX512-BF16)" if dev.type == "cpu" and cpu_has_fast_bf16() else ""))
+              + (" (CPU with AMX)" if dev.type == "cpu" and cpu_has_fast_bf16() else ""))
     out.print(f"free memory: {device_budget(dev) / GB:.1f} GB")
     out.print(f"quantization: {', '.join(supported_modes(dev))}")
 

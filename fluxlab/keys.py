@@ -49,6 +49,52 @@ FLUX2_FUSED: list[tuple[tuple[str, ...], str]] = [
 ]
 SWAPPED = {"norm_out.linear"}
 
+FLUX1_MODULES: list[tuple[str, str]] = [
+    ("x_embedder", "img_in"),
+    ("context_embedder", "txt_in"),
+    ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+    ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+    ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+    ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+    ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+    ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+    ("proj_out", "final_layer.linear"),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1"),  # halves swapped, as for FLUX.2
+    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.lin"),
+    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.lin"),
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj"),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.0"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.0"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.2"),
+    ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.lin"),
+    ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
+]
+FLUX1_FUSED: list[tuple[tuple[str, ...], str]] = [
+    (tuple(f"transformer_blocks.{{i}}.attn.to_{x}" for x in "qkv"), "double_blocks.{i}.img_attn.qkv"),
+    (tuple(f"transformer_blocks.{{i}}.attn.add_{x}_proj" for x in "qkv"), "double_blocks.{i}.txt_attn.qkv"),
+    ((*(f"single_transformer_blocks.{{i}}.attn.to_{x}" for x in "qkv"), "single_transformer_blocks.{i}.proj_mlp"),
+     "single_blocks.{i}.linear1"),
+]
+TABLES = {"flux1": (FLUX1_MODULES, FLUX1_FUSED), "flux2": (FLUX2_MODULES, FLUX2_FUSED)}
+
+
+def bfl_module(module: str, family: str) -> tuple[str, int, int] | None:
+    """Where a diffusers module lives in BFL naming: (BFL module, part index, parts) - parts > 1 when BFL fuses
+    several diffusers projections into one Linear (qkv; FLUX.1's linear1 = q, k, v, mlp). None if unknown."""
+    modules, fused = TABLES[family]
+    for parts, bfl in fused:
+        for n, part in enumerate(parts):
+            m = _regex(part).match(module)
+            if m:
+                return bfl.replace("{i}", m.groupdict().get("i", "")), n, len(parts)
+    for dif, bfl in modules:
+        m = _regex(dif).match(module)
+        if m:
+            return bfl.replace("{i}", m.groupdict().get("i", "")), 0, 1
+    return None
+
 
 def _regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")

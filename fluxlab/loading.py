@@ -12,7 +12,6 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from .catalog import CATALOG, ModelSpec, text_encoder_layers
 from .errors import UserError, did_you_mean
@@ -39,16 +38,58 @@ class ModelSource:
     repo: str | None = None
 
 
-@dataclass
 class Components:
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    text_encoder_2: Any = None
-    tokenizer_2: Any = None
-    scheduler_config: dict | None = None
-    text_layers: tuple[int, ...] | None = None  # FLUX.2: encoder hidden states to stack (of the full encoder)
+    """A pipeline's parts, each loaded on first use and releasable.
+
+    Loading on first use lets a one-shot run encode its prompts, release the text encoder, and only then
+    load the transformer, so host memory holds one big model at a time. Configs are read from the files,
+    so nothing needs a model loaded to know its shapes.
+    """
+
+    NAMES = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+    def __init__(self, loaders: dict, configs: dict, scheduler_config: dict, dtype, device):
+        self._loaders = loaders
+        self._configs = configs
+        self.scheduler_config = scheduler_config
+        self.dtype = dtype
+        self.device = device
+        self.after_load: dict[str, list] = {}
+
+    def __getattr__(self, name):
+        if name not in Components.NAMES:
+            raise AttributeError(name)
+        loader = self.__dict__["_loaders"].get(name)
+        if loader is None:
+            return None
+        value = loader()
+        for fn in self.__dict__["after_load"].get(name, []):
+            fn(value)
+        self.__dict__[name] = value
+        return value
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self.__dict__
+
+    def release(self, *names: str) -> None:
+        """Drop loaded models (they load again if used again)."""
+        import gc
+
+        for n in names:
+            self.__dict__.pop(n, None)
+        gc.collect()
+
+    def config(self, name: str):
+        """A component's config with attribute access, without loading it."""
+        if self.is_loaded(name) and hasattr(self.__dict__[name], "config"):
+            return self.__dict__[name].config
+        return _namespace(self._configs.get(name, {}))
+
+
+def _namespace(d):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
 # -- locating ---------------------------------------------------------------------------------------------
@@ -192,7 +233,7 @@ def load_lean_encoder(folder: Path, cls: str, dtype):
     FLUX.2 stacks the hidden states after layers L/4, L/2 and 3L/4; the rest of the network (a quarter of
     the layers and the vocabulary projection) never influences the embeddings. The decoder's final norm is
     made the identity, because a model cut at layer k would otherwise normalise the state it returns as
-    hidden_states[k], which the full model leaves unnormalised. Returns (model, the full model's layers).
+    hidden_states[k], which the full model leaves unnormalised.
     """
     import torch
     import transformers
@@ -205,7 +246,7 @@ def load_lean_encoder(folder: Path, cls: str, dtype):
                                                                      use_safetensors=True)
     decoder = getattr(model, "language_model", model)
     decoder.norm = torch.nn.Identity()
-    return model.eval(), layers
+    return model.eval()
 
 
 def _component(path: Path, name: str, index: dict, dtype, lean: bool = True):
@@ -254,8 +295,9 @@ def quiet_libraries() -> None:
 
 def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True
                     ) -> Components:
-    """Load a pipeline's parts. `lean` cuts FLUX.2 text encoders after the deepest layer used (see
-    load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
+    """A pipeline's parts, loaded on first use onto `device`. Files are checked now (headers only), so a
+    corrupt or missing file is reported before any work starts. `lean` cuts FLUX.2 text encoders after the
+    deepest layer used (see load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
     quiet_libraries()
     index = _read_json(path / "model_index.json")
     needed = ["transformer", "vae", "text_encoder", "tokenizer"]
@@ -264,22 +306,32 @@ def load_components(path: Path, dtype, device, transformer_file: str | None = No
     missing = [n for n in needed if n not in index]
     if missing:
         raise UserError(f"{path}/model_index.json lacks the component(s) {', '.join(missing)}")
+    configs = {}
+    for n in needed:
+        folder = path / n
+        if not folder.is_dir():
+            raise UserError(f"{path} is missing the {n}/ folder that its model_index.json lists")
+        if not n.startswith("tokenizer"):
+            check_safetensors(folder.glob("*.safetensors"))
+            configs[n] = _read_json(folder / "config.json")
     if transformer_file:
-        transformer = load_transformer_file(transformer_file, path / "transformer", dtype)
-    else:
-        transformer = _component(path, "transformer", index, dtype)
-    parts = {n: _component(path, n, index, dtype, lean) for n in needed if n != "transformer"}
-    parts["transformer"] = transformer
-    text_layers = None
-    if isinstance(parts["text_encoder"], tuple):
-        parts["text_encoder"], text_layers = parts["text_encoder"]
-    for n, m in parts.items():
-        if hasattr(m, "to") and not n.startswith("tokenizer"):
-            m.to(device)
-            m.requires_grad_(False)
+        check_transformer_file(transformer_file)
+
+    def loader(name):
+        def load():
+            if name == "transformer" and transformer_file:
+                m = load_transformer_file(transformer_file, path / "transformer", dtype)
+            else:
+                m = _component(path, name, index, dtype, lean)
+            if hasattr(m, "to") and not name.startswith("tokenizer"):
+                m.to(device)
+                m.requires_grad_(False)
+            return m
+        return load
+
     sched = path / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(sched) if sched.is_file() else {}
-    return Components(scheduler_config=scheduler_config, text_layers=text_layers, **parts)
+    return Components({n: loader(n) for n in needed}, configs, scheduler_config, dtype, device)
 
 
 def _bfl_to_diffusers(sd: dict, family: str) -> dict:
@@ -293,18 +345,23 @@ def _bfl_to_diffusers(sd: dict, family: str) -> dict:
     return sfu.convert_flux_transformer_checkpoint_to_diffusers(sd)
 
 
-def load_transformer_file(file: str, config_dir: Path, dtype):
-    """A single-file transformer checkpoint (BFL or diffusers key names) on the base model's config."""
-    import diffusers
-    import torch
-    from safetensors.torch import load_file
-
+def check_transformer_file(file: str) -> Path:
     f = Path(file).expanduser()
     if not f.is_file():
         raise UserError(f"transformer file {file} does not exist")
     if f.suffix != ".safetensors":
         raise UserError(f"transformer file {file} is not a .safetensors file (fluxlab never loads pickle checkpoints)")
     check_safetensors([f])
+    return f
+
+
+def load_transformer_file(file: str, config_dir: Path, dtype):
+    """A single-file transformer checkpoint (BFL or diffusers key names) on the base model's config."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    f = check_transformer_file(file)
     sd = load_file(str(f))
     cfg = _read_json(config_dir / "config.json")
     cls = cfg.get("_class_name")

@@ -88,12 +88,14 @@ TILE = 512  # VAE tiles are 512x512 pixels
 
 
 def make_plan(sizes: ModelSizes, width: int, height: int, batch: int, budget: int, *, mode: str = "auto",
-              reserve: int = GB // 2, text_tokens: int = 512, dtype_bytes: int = 2, ref_tokens: int = 0) -> Plan:
+              reserve: int = GB // 2, text_tokens: int = 512, dtype_bytes: int = 2, ref_tokens: int = 0,
+              activation_scale: float = 1.0) -> Plan:
     """Choose placement, VAE tiling and batch size for one generation.
 
     auto: the fastest plan predicted to fit (resident > phase > stream, shrinking the batch before streaming);
     speed: resident with the requested batch, fit or not; balanced: at least phase offload; low: stream,
-    VAE tiling, batch 1.
+    VAE tiling, batch 1. `activation_scale` corrects the activation estimate by a measured ratio (from
+    `fluxlab bench`'s hardware profile).
     """
     if mode not in MODES:
         from .errors import UserError
@@ -102,7 +104,8 @@ def make_plan(sizes: ModelSizes, width: int, height: int, batch: int, budget: in
     room = budget - reserve
 
     def act(b):
-        return activation_bytes(width, height, b, sizes.hidden, text_tokens, dtype_bytes, ref_tokens)
+        return int(activation_scale * activation_bytes(width, height, b, sizes.hidden, text_tokens, dtype_bytes,
+                                                       ref_tokens))
 
     def vae_need(b, tiling):
         return vae_decode_bytes(min(width, TILE), min(height, TILE), 1) if tiling else vae_decode_bytes(width,

@@ -76,8 +76,9 @@ class Pipeline:
         self.budget: int | None = None  # device bytes to plan for (None: what the device has free)
         self.plan = None
         self.quantized: str | None = None
+        self.upcast = False  # bf16 weights computed in fp32 (see devices.upcast_linears)
         if spec.kv_references:
-            self.family.use_kv_processors()
+            components.after_load.setdefault("transformer", []).append(self.family.use_kv_processors)
         self.encode_seconds = 0.0
 
     # -- stages -------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class Pipeline:
         from .images import load_mask, load_rgb
 
         out: dict = {"refs": None, "init": None, "mask": None}
-        vae_c = self.components.vae.config.latent_channels
+        vae_c = self.components.config("vae").latent_channels
         refs = [load_rgb(i.path, self.notify, "reference image") for i in job.images]
         if job.init is not None:
             init = load_rgb(job.init.path, self.notify, "init image")
@@ -161,7 +162,7 @@ class Pipeline:
         from .request import kontext_size
 
         m = self.family.vae_scale * 2
-        latent_c = self.components.vae.config.latent_channels
+        latent_c = self.components.config("vae").latent_channels
         latents = []
         if self.spec.family == "flux1":
             proc = VaeImageProcessor(vae_scale_factor=m)
@@ -333,6 +334,8 @@ class Pipeline:
         if callback is not None:
             def step_cb(info):
                 callback({**info, "steps": len(sigmas) - 1, "seeds": seeds})
+        self._load("transformer", "vae")
+        timings["load"] = round(self.load_seconds, 4)
         with _timed(timings, "prepare"):
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             x, img_ids, known = self.prepare_latents(job, generators, inputs, sigmas[0])
@@ -354,12 +357,36 @@ class Pipeline:
         timings["it_per_s"] = round((len(sigmas) - 1) / timings["denoise"], 3) if timings["denoise"] else None
         return pils, z, timings
 
+    def encode_jobs(self, jobs, release: bool = True) -> None:
+        """Encode every prompt (and negative) the jobs need, then, with `release`, drop the text encoders.
+
+        A run that knows all its prompts up front never needs the encoders again; releasing them before the
+        transformer loads keeps one big model in memory at a time.
+        """
+        import torch
+
+        with torch.inference_mode():
+            for job in jobs:
+                cfg = self.spec.guidance_mode == "cfg" and job.guidance > 1.0
+                self._encode_timed([job.prompt] + ([job.negative] if cfg else []))
+        if release:
+            self.components.release("text_encoder", "text_encoder_2")
+
     def _encode_timed(self, prompts):
+        if any(p not in self._prompt_cache for p in prompts):
+            self._load("text_encoder", "text_encoder_2")
         t0 = time.perf_counter()
         try:
             return self.encode_prompts(prompts)
         finally:
             self.encode_seconds += time.perf_counter() - t0
+
+    def _load(self, *names) -> None:
+        """Load components now (they load on first use), counting the time as loading, not as the phase."""
+        t0 = time.perf_counter()
+        for n in names:
+            getattr(self.components, n)
+        self.load_seconds += time.perf_counter() - t0
 
     # -- memory -------------------------------------------------------------------------------------
     def plan_for(self, job: Job, batch_size: int | None = None):
@@ -377,9 +404,13 @@ class Pipeline:
 
         budget = self.budget if self.budget is not None else device_budget(self.device) + self._placed_bytes()
         h, w = self.family.latent_grid(job.width, job.height)
+        from .benchmark import load_profile
+
+        profile = load_profile(self.device) or {}
         plan = make_plan(model_sizes(self.components), job.width, job.height, wanted, budget,
                          mode=self.memory, text_tokens=self.spec.max_sequence_length,
-                         dtype_bytes=torch_bits(self.dtype) // 8, ref_tokens=len(job.images) * h * w)
+                         dtype_bytes=torch_bits(self.dtype) // 8, ref_tokens=len(job.images) * h * w,
+                         activation_scale=profile.get("activation_scale") or 1.0)
         if batch_size and plan.batch_size != batch_size:
             self.notify(f"--batch-size {batch_size} does not fit; using {plan.batch_size}")
         if plan != self.plan:
@@ -449,6 +480,8 @@ class Pipeline:
             meta["eta"] = job.eta
         if self.quantized:
             meta["quantize"] = self.quantized
+        if self.upcast:
+            meta["compute"] = "fp32"
         if self.plan is not None and self.plan.budget:
             meta["memory_plan"] = self.plan.as_dict()
         if job.strength is not None:
@@ -481,21 +514,22 @@ def _repeat(cond: Conditioning, n: int) -> Conditioning:
 
 def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str | None = None,
          notify: Callable[[str], None] | None = None, lean: bool = True, memory: str = "auto",
-         budget: str | int | None = None, quantize: str | None = None) -> Pipeline:
+         budget: str | int | None = None, quantize: str | None = None, compute: str = "auto") -> Pipeline:
     """Load a model (catalog name, local diffusers directory, or hub repo id) and keep it in memory.
 
         pipe = fluxlab.load("flux2-klein-4b")
         image = pipe.generate(prompt="a lighthouse at dusk", seed=7)[0].image
 
     memory (auto | speed | balanced | low) and budget ("6GB") steer the memory planner; quantize (int8 | fp8 |
-    nf4) quantizes the transformer's and text encoders' weights.
+    nf4) quantizes the transformer's and text encoders' weights. compute="auto" runs bf16 weights' matmuls in
+    fp32 on CPUs without AMX, where that is faster (devices.upcast_linears); "native" keeps bf16 arithmetic.
     """
     from .loading import fetch, load_components, locate, quiet_libraries
 
     quiet_libraries()
     import torch
 
-    from .devices import resolve_device, resolve_dtype
+    from .devices import cpu_has_fast_bf16, resolve_device, resolve_dtype
     from .memory import MODES, parse_size
 
     if memory not in MODES:
@@ -512,10 +546,20 @@ def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str
                     notify=notify)
     pipe.memory, pipe.budget = memory, budget_bytes
     if quantize:
-        from .quantize import quantize as run_quantize
+        from .quantize import quantize_on_load
 
-        done = run_quantize(components, quantize, stage)
+        quantize_on_load(components, quantize, stage, pipe.notify)
         pipe.quantized = quantize
-        pipe.notify(f"quantized {', '.join(done)} to {quantize}")
+    if compute not in ("auto", "native"):
+        raise UserError(f"unknown compute mode {compute!r}; valid: auto, native")
+    if compute == "auto" and dev.type == "cpu" and dt == torch.bfloat16 and not cpu_has_fast_bf16():
+        from .devices import upcast_linears
+
+        for name in ("transformer", "text_encoder", "text_encoder_2"):
+            components.after_load.setdefault(name, []).append(upcast_linears)
+        # The VAE is small (84 M parameters) and convolution-bound: it simply runs in fp32.
+        components.after_load.setdefault("vae", []).append(lambda vae: vae.to(torch.float32))
+        pipe.upcast = True
+        pipe.notify("bf16 weights, fp32 matmuls: this CPU has no AMX, where fp32 multiplies faster than bf16")
     pipe.load_seconds = time.perf_counter() - t0
     return pipe

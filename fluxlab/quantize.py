@@ -39,27 +39,35 @@ def _torchao():
     return q
 
 
-def quantize(components, mode: str, device) -> list[str]:
-    """Quantize the transformer's and text encoders' Linear weights in place; returns what was quantized."""
+QUANTIZED = ("transformer", "text_encoder", "text_encoder_2")
+
+
+def quantize_on_load(components, mode: str, device, notify=None) -> None:
+    """Quantize the transformer's and text encoders' Linear weights as each is loaded."""
     if mode not in MODES:
         raise UserError(f"unknown quantization {mode!r}; valid: {', '.join(MODES)}")
     ok = supported_modes(device)
     if mode not in ok:
         raise UserError(f"--quantize {mode} is not supported on {device.type}; this device supports: {', '.join(ok)}")
-    targets = [("transformer", components.transformer), ("text_encoder", components.text_encoder),
-               ("text_encoder_2", components.text_encoder_2)]
-    done = []
-    for name, model in targets:
-        if model is None:
-            continue
-        if mode == "nf4":
-            _nf4(model, device)
-        else:
-            q = _torchao()
-            config = q.Int8WeightOnlyConfig() if mode == "int8" else q.Float8WeightOnlyConfig()
-            q.quantize_(model, config)
-        done.append(name)
-    return done
+
+    def hook(name):
+        def run(model):
+            quantize_model(model, mode, device)
+            if notify is not None:
+                notify(f"quantized {name} to {mode}")
+        return run
+
+    for name in QUANTIZED:
+        components.after_load.setdefault(name, []).append(hook(name))
+
+
+def quantize_model(model, mode: str, device) -> None:
+    """Quantize one model's Linear weights in place."""
+    if mode == "nf4":
+        _nf4(model, device)
+        return
+    q = _torchao()
+    q.quantize_(model, q.Int8WeightOnlyConfig() if mode == "int8" else q.Float8WeightOnlyConfig())
 
 
 def _nf4(model, device) -> None:

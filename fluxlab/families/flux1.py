@@ -20,9 +20,9 @@ class Flux1:
     def __init__(self, c, max_sequence_length: int = 512, layers=None):
         self.c = c
         self.max_sequence_length = max_sequence_length
-        self.vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
-        self.latent_channels = c.vae.config.latent_channels  # before the 2x2 packing
-        self.guidance_embeds = bool(c.transformer.config.guidance_embeds)
+        self.vae_scale = 2 ** (len(c.config("vae").block_out_channels) - 1)
+        self.latent_channels = c.config("vae").latent_channels  # before the 2x2 packing
+        self.guidance_embeds = bool(c.config("transformer").guidance_embeds)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device) -> Conditioning:
@@ -87,7 +87,7 @@ class Flux1:
         ids = torch.zeros(h, w, 3)
         ids[..., 1] += torch.arange(h)[:, None]
         ids[..., 2] += torch.arange(w)[None, :]
-        return ids.reshape(h * w, 3).to(device=device, dtype=dtype or self.c.text_encoder.dtype)
+        return ids.reshape(h * w, 3).to(device=device, dtype=dtype or self.c.dtype)
 
     def fill_condition(self, pixels, mask, generators, width: int, height: int):
         """FLUX.1 Fill's extra input channels: the masked image's latents (a posterior sample per image, drawn

@@ -29,13 +29,14 @@ class Flux2:
     def __init__(self, c, max_sequence_length: int = 512, layers: tuple[int, ...] | None = None):
         self.c = c
         self.max_sequence_length = max_sequence_length
-        cfg = c.text_encoder.config
+        # Shapes come from the config files (c.config), so nothing is loaded before it is used. The layers are
+        # those of the encoder as published, whether or not it is loaded cut short (loading.load_lean_encoder).
+        cfg = c.config("text_encoder")
         depth = getattr(cfg, "text_config", cfg).num_hidden_layers
-        # A lean (truncated) encoder knows the full model's layers; a whole one derives them from its depth.
-        self.layers = tuple(layers or getattr(c, "text_layers", None) or text_encoder_layers(depth))
-        self.vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
-        self.latent_channels = c.transformer.config.in_channels  # after the 2x2 patchify
-        self.guidance_embeds = bool(c.transformer.config.guidance_embeds)
+        self.layers = tuple(layers or text_encoder_layers(depth))
+        self.vae_scale = 2 ** (len(c.config("vae").block_out_channels) - 1)
+        self.latent_channels = c.config("transformer").in_channels  # after the 2x2 patchify
+        self.guidance_embeds = bool(c.config("transformer").guidance_embeds)
         # FLUX.2 [dev] pairs with Mistral (system + user turns, content lists); klein with Qwen3 (one user turn).
         self.mistral = getattr(cfg, "model_type", "") == "mistral3"
 
@@ -157,16 +158,17 @@ class Flux2:
         out = t(hidden_states=x.to(t.dtype), img_ids=img_ids, **common)[0]
         return out[:, :n]
 
-    def use_kv_processors(self) -> None:
+    @staticmethod
+    def use_kv_processors(transformer) -> None:
         """Install diffusers' KV-aware attention processors (klein KV models), as Flux2KleinKVPipeline does."""
         from diffusers.models.transformers.transformer_flux2 import (
             Flux2KVAttnProcessor,
             Flux2KVParallelSelfAttnProcessor,
         )
 
-        for block in self.c.transformer.transformer_blocks:
+        for block in transformer.transformer_blocks:
             block.attn.set_processor(Flux2KVAttnProcessor())
-        for block in self.c.transformer.single_transformer_blocks:
+        for block in transformer.single_transformer_blocks:
             block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
 
     def _velocity_kv(self, x, img_ids, refs: References, common: dict):

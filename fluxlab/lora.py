@@ -1,0 +1,291 @@
+"""LoRA files: detect their format and model family, read them into diffusers names, write them in the
+formats other tools read, and apply them (stacked, scaled, optionally fused) to a loaded pipeline.
+
+Formats (key names):
+* diffusers / PEFT: `transformer.<diffusers module>.lora_A.weight`, `.lora_B.weight` (alpha = rank). ai-toolkit
+  saves FLUX.1 LoRAs this way.
+* ai-toolkit (FLUX.2): `diffusion_model.<BFL module>.lora_A.weight`, `.lora_B.weight`.
+* comfyui: `diffusion_model.<BFL module>.lora_A/lora_B` for both families (what ComfyUI reads for BFL models).
+* kohya / musubi: `lora_unet_<BFL module, dots as underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+
+Reading kohya files goes through diffusers' converters (they handle alpha); BFL-named files go through our
+key tables (keys.py), which also undo the final layer's shift/scale order that BFL and diffusers disagree on.
+Where BFL fuses projections (qkv; FLUX.1's single-block linear1), a LoRA per diffusers projection becomes one
+fused LoRA whose A stacks the parts' A and whose B is block-diagonal: the same weight update, exactly.
+Application uses peft through diffusers' `load_lora_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .keys import TABLES, _regex, bfl_module
+
+WRITE_FORMATS = ("diffusers", "kohya", "ai-toolkit", "comfyui")
+
+
+@dataclass
+class Lora:
+    path: str
+    format: str
+    family: str
+    state: dict  # diffusers names with the "transformer." prefix, lora_A / lora_B
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in self.state})
+
+    @property
+    def rank(self) -> int:
+        return max(v.shape[0] for k, v in self.state.items() if ".lora_A." in k)
+
+
+def detect_format(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith("lora_unet_") or ".lora_down.weight" in k for k in keys):
+        return "kohya"
+    if any(k.startswith("diffusion_model.") for k in keys):
+        return "ai-toolkit"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if any(k.startswith("transformer.") and ".lora_A." in k for k in keys):
+        return "diffusers"
+    if any(k.startswith(("double_blocks.", "single_blocks.")) and ".lora_A." in k for k in keys):
+        return "bfl"
+    sample = ", ".join(keys[:3])
+    raise UserError(f"not a LoRA fluxlab recognises (keys like {sample}); expected diffusers/PEFT, kohya, "
+                    f"ai-toolkit or ComfyUI key names")
+
+
+def detect_family(state: dict) -> str:
+    """flux1 or flux2, from module names that exist in only one family, else from shapes."""
+    text = " ".join(state)
+    flux2 = ("to_qkv_mlp_proj", "double_stream_modulation", "single_stream_modulation", "ff.linear_in",
+             "ff_context.linear_in")
+    flux1 = ("img_mod", "txt_mod", "modulation_lin", "modulation.lin", "vector_in", "ff.net.0", "proj_mlp",
+             "norm1.linear", "norm1_context", "text_embedder")
+    if any(s in text for s in flux2):
+        return "flux2"
+    if any(s in text for s in flux1):
+        return "flux1"
+    # Double-block MLP input: FLUX.2 SwiGLU is 6x hidden wide, FLUX.1's GELU MLP 4x.
+    for k, v in state.items():
+        if re.search(r"img_mlp[._]0.*(lora_B|lora_up)", k):
+            for k2, v2 in state.items():
+                if re.search(r"img_attn[._]proj.*(lora_B|lora_up)", k2):
+                    return "flux2" if v.shape[0] == 6 * v2.shape[0] else "flux1"
+    raise UserError("cannot tell whether this LoRA is for FLUX.1 or FLUX.2 from its keys")
+
+
+def read(path: str | Path) -> Lora:
+    """Read a LoRA file in any supported format into diffusers names."""
+    from safetensors import safe_open
+
+    from .loading import check_safetensors
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"LoRA file {path} does not exist")
+    if p.suffix != ".safetensors":
+        raise UserError(f"LoRA file {path} is not .safetensors (fluxlab never loads pickle files)")
+    check_safetensors([p])
+    with safe_open(str(p), framework="pt") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+        metadata = dict(f.metadata() or {})
+    fmt = detect_format(raw)
+    family = detect_family(raw)
+    if fmt == "kohya":
+        from diffusers.loaders import lora_conversion_utils as lcu
+
+        convert = lcu._convert_kohya_flux2_lora_to_diffusers if family == "flux2" else \
+            lcu._convert_kohya_flux_lora_to_diffusers
+        try:
+            state = convert(dict(raw))
+        except Exception as e:
+            raise UserError(f"{path}: kohya keys that do not fit {family} ({e})") from None
+    elif fmt in ("ai-toolkit", "bfl"):
+        state = from_bfl({k.removeprefix("diffusion_model."): v for k, v in raw.items()}, family)
+    elif fmt == "peft":
+        state = {"transformer." + k.removeprefix("base_model.model."): v for k, v in raw.items()}
+    else:
+        state = dict(raw)
+    state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
+    return Lora(str(p), fmt, family, state, metadata)
+
+
+def from_bfl(raw: dict, family: str) -> dict:
+    """BFL-named lora_A/lora_B -> diffusers names. A fused LoRA gives each part the shared A and its rows of B."""
+    modules, fused = TABLES[family]
+    out = {}
+    for key, value in raw.items():
+        module, _, rest = key.partition(".lora_")
+        rest = "lora_" + rest
+        hit = False
+        for parts, bfl in fused:
+            m = _regex(bfl).match(module)
+            if m:
+                i = m.groupdict().get("i", "")
+                names = [p.replace("{i}", i) for p in parts]
+                if rest.startswith("lora_A"):
+                    for n in names:
+                        out[f"{n}.{rest}"] = value
+                else:
+                    for n, chunk in zip(names, _split_rows(value, family, len(names)), strict=True):
+                        out[f"{n}.{rest}"] = chunk
+                hit = True
+                break
+        if hit:
+            continue
+        for dif, bfl in modules:
+            m = _regex(bfl).match(module)
+            if m:
+                name = dif.replace("{i}", m.groupdict().get("i", ""))
+                if rest.startswith("lora_B") and dif == "norm_out.linear":
+                    value = _swap_halves(value)
+                out[f"{name}.{rest}"] = value
+                hit = True
+                break
+        if not hit:
+            raise UserError(f"LoRA key {key} names no {family} transformer module")
+    return {"transformer." + k: v for k, v in out.items()}
+
+
+def _split_rows(b, family: str, parts: int):
+    """Split a fused B into its parts' rows: equal thirds for qkv; FLUX.1 linear1 is q, k, v (h each), mlp (4h)."""
+    if parts == 4:
+        h = b.shape[0] // 7
+        return [b[:h], b[h:2 * h], b[2 * h:3 * h], b[3 * h:]]
+    return list(b.chunk(parts, dim=0))
+
+
+def _swap_halves(t):
+    import torch
+
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def to_bfl(state: dict, family: str) -> dict:
+    """diffusers-named LoRA -> BFL module names, fusing parts BFL fuses (stacked A, block-diagonal B)."""
+    import torch
+
+    modules: dict[str, dict] = {}
+    for key, value in state.items():
+        module, _, rest = key.removeprefix("transformer.").partition(".lora_")
+        kind = "A" if rest.startswith("A") else "B"
+        target = bfl_module(module, family)
+        if target is None:
+            raise UserError(f"LoRA module {module} has no BFL name in {family}")
+        bfl, part, n = target
+        modules.setdefault(bfl, {"n": n, "parts": {}})["parts"].setdefault(part, {})[kind] = value
+    out = {}
+    for bfl, entry in modules.items():
+        parts, n = entry["parts"], entry["n"]
+        if n == 1:
+            a, b = parts[0]["A"], parts[0]["B"]
+            if bfl.endswith("adaLN_modulation.1"):
+                b = _swap_halves(b)
+            out[bfl] = (a, b)
+            continue
+        some = next(iter(parts.values()))
+        hidden = some["B"].shape[0] if not (n == 4 and 3 in parts and len(parts) == 1) else some["B"].shape[0] // 4
+        outs = [parts[i]["B"].shape[0] if i in parts else (4 * hidden if i == 3 else hidden) for i in range(n)]
+        a = torch.cat([parts[i]["A"] for i in sorted(parts)], dim=0)
+        b = torch.zeros(sum(outs), a.shape[0], dtype=some["B"].dtype)
+        row, col = 0, 0
+        for i in range(n):
+            if i in parts:
+                pb = parts[i]["B"]
+                b[row:row + outs[i], col:col + pb.shape[1]] = pb
+                col += pb.shape[1]
+            row += outs[i]
+        out[bfl] = (a, b)
+    return out
+
+
+def to_format(lora: Lora, fmt: str) -> dict:
+    """The LoRA's tensors under another format's key names (weights unchanged; alpha = rank)."""
+    import torch
+
+    if fmt not in WRITE_FORMATS:
+        raise UserError(f"unknown LoRA format {fmt!r}; valid: {', '.join(WRITE_FORMATS)}")
+    if fmt == "diffusers" or (fmt == "ai-toolkit" and lora.family == "flux1"):
+        return {k: v.contiguous() for k, v in lora.state.items()}
+    fused = to_bfl(lora.state, lora.family)
+    out = {}
+    for module, (a, b) in fused.items():
+        if fmt == "kohya":
+            name = "lora_unet_" + module.replace(".", "_")
+            out[f"{name}.lora_down.weight"] = a.contiguous()
+            out[f"{name}.lora_up.weight"] = b.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(a.shape[0]))
+        else:
+            out[f"diffusion_model.{module}.lora_A.weight"] = a.contiguous()
+            out[f"diffusion_model.{module}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def write(lora: Lora, fmt: str, path: str | Path, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from .output import atomic_write
+
+    tensors = to_format(lora, fmt)
+    meta = {**{k: str(v) for k, v in lora.metadata.items()}, **(metadata or {}), "format": fmt,
+            "fluxlab.family": lora.family}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return Path(path)
+
+
+def info(lora: Lora) -> dict:
+    blocks = sorted({m.split(".")[0] + "." + m.split(".")[1] if m.split(".")[1].isdigit() else m.split(".")[0]
+                     for m in lora.modules})
+    return {"path": lora.path, "format": lora.format, "family": lora.family, "rank": lora.rank,
+            "modules": len(lora.modules), "blocks": blocks[:8] + (["..."] if len(blocks) > 8 else []),
+            "metadata": {k: (v if len(str(v)) < 200 else str(v)[:200] + "...") for k, v in lora.metadata.items()}}
+
+
+def parse_spec(text: str) -> tuple[str, float]:
+    """'style.safetensors:0.8' -> (path, 0.8); no scale means 1.0."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not scale.startswith(("/", "\\")):
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False) -> list[str]:
+    """Load LoRAs into the pipeline's transformer, stacked with their scales; with `fuse`, merge them into the
+    weights (faster steps, no unloading). Returns the adapter names."""
+    loras = [(read(path), scale) for path, scale in specs]
+    for lora, _ in loras:
+        if lora.family != pipe.spec.family:
+            raise UserError(f"{lora.path} is a {lora.family} LoRA; {pipe.label} is a {pipe.spec.family} model")
+    transformer = pipe.components.transformer
+    names = []
+    for n, (lora, _) in enumerate(loras):
+        name = f"lora{n}"
+        state = {k.removeprefix("transformer."): v.to(pipe.dtype) for k, v in lora.state.items()}
+        try:
+            transformer.load_lora_adapter(state, adapter_name=name, prefix=None)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise UserError(f"{lora.path} does not fit {pipe.label}'s transformer ({str(e).splitlines()[0]})") from None
+        names.append(name)
+    transformer.set_adapters(names, weights=[s for _, s in loras])
+    if fuse:
+        transformer.fuse_lora(adapter_names=names)
+        transformer.unload_lora() if hasattr(transformer, "unload_lora") else None
+    pipe.loras = [{"file": Path(lo.path).name, "path": str(Path(lo.path).resolve()), "scale": s,
+                   "format": lo.format} for lo, s in loras]
+    return names
+
+
+def metadata_json(d: dict) -> str:
+    return json.dumps(d, sort_keys=True)
