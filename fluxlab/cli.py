@@ -105,6 +105,8 @@ def generate(
     memory: Annotated[str, Opt(help="Memory plan: auto | speed | balanced | low.")] = "auto",
     budget: Annotated[str | None, Opt(help="Plan for this much device memory, e.g. 6GB.")] = None,
     quantize: Annotated[str | None, Opt(help="Quantize weights: int8 (any device) | fp8 | nf4 (CUDA).")] = None,
+    lora: Annotated[list[str] | None, Opt("--lora", help="LoRA FILE[:SCALE] (repeatable: stacked).")] = None,
+    fuse_lora: Annotated[bool, Opt(help="Merge the LoRAs into the weights (faster steps).")] = False,
     out_path: Annotated[str | None, Opt("-o", "--out", help="FILE.png or a directory (default: outputs/).")] =
         None,
     transformer: Annotated[str | None, Opt(help="Single-file transformer .safetensors over the base model.")] =
@@ -155,7 +157,7 @@ def generate(
     notify = (lambda m: None) if quiet else _say
     with err.status("loading model...", spinner="dots") if not quiet and err.is_terminal else _nullctx():
         pipe = load(model, device=device, dtype=dtype, transformer=transformer, notify=notify, memory=memory,
-                    budget=budget, quantize=quantize)
+                    budget=budget, quantize=quantize, loras=lora, fuse_lora=fuse_lora)
     jobs = [resolve(r, pipe.spec) for r in requests]
     pipe.encode_jobs(jobs)  # then the text encoders are released before the transformer loads
     total = sum(len(j.seeds) for j in jobs)
@@ -532,6 +534,42 @@ def device_info(device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = 
               + (" (CPU with AMX)" if dev.type == "cpu" and cpu_has_fast_bf16() else ""))
     out.print(f"free memory: {device_budget(dev) / GB:.1f} GB")
     out.print(f"quantization: {', '.join(supported_modes(dev))}")
+
+
+lora_app = typer.Typer(help="Inspect and convert LoRA files.", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("info")
+def lora_info(
+    file: Annotated[str, typer.Argument(help="A LoRA .safetensors file.")],
+    as_json: Annotated[bool, Opt("--json")] = False,
+):
+    """Format, model family, rank, targeted blocks and metadata of a LoRA file."""
+    from . import lora as L
+
+    data = L.info(L.read(file))
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    for k, v in data.items():
+        out.print(f"[bold]{k:>9}[/bold]  {v}")
+
+
+@lora_app.command("convert")
+def lora_convert(
+    src: Annotated[str, typer.Argument(help="LoRA file to read (any supported format).")],
+    dst: Annotated[str, typer.Argument(help="File to write.")],
+    to: Annotated[str, Opt("--to", help="diffusers | kohya | ai-toolkit | comfyui")],
+):
+    """Rewrite a LoRA under another tool's key names (the weight update stays the same)."""
+    from . import lora as L
+
+    if to not in L.WRITE_FORMATS:
+        raise UserError(f"unknown LoRA format {to!r}; valid: {', '.join(L.WRITE_FORMATS)}")
+    lo = L.read(src)
+    L.write(lo, to, dst)
+    out.print(f"wrote {dst} ({to}, {lo.family}, rank {lo.rank}, {len(lo.modules)} modules) from {lo.format}")
 
 
 preset_app = typer.Typer(help="Named sets of generation settings (stored in your config directory).",

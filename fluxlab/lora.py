@@ -73,12 +73,20 @@ def detect_family(state: dict) -> str:
         return "flux2"
     if any(s in text for s in flux1):
         return "flux1"
-    # Double-block MLP input: FLUX.2 SwiGLU is 6x hidden wide, FLUX.1's GELU MLP 4x.
-    for k, v in state.items():
-        if re.search(r"img_mlp[._]0.*(lora_B|lora_up)", k):
-            for k2, v2 in state.items():
-                if re.search(r"img_attn[._]proj.*(lora_B|lora_up)", k2):
-                    return "flux2" if v.shape[0] == 6 * v2.shape[0] else "flux1"
+    # Otherwise by widths relative to the hidden size h: the double-block MLP input is 6h in FLUX.2 (SwiGLU)
+    # and 4h in FLUX.1; the single-block linear1 is 9h against 7h.
+    def rows(pattern):
+        return [v.shape[0] for k, v in state.items() if re.search(pattern, k) and re.search("lora_B|lora_up", k)]
+
+    hidden = rows(r"img_attn[._]proj|txt_attn[._]proj|linear2|to_out") or \
+        [n // 3 for n in rows(r"img_attn[._]qkv|txt_attn[._]qkv")]
+    wide = rows(r"img_mlp[._]0|txt_mlp[._]0|ff[._]linear_in|linear1")
+    if hidden and wide:
+        ratio = wide[0] / hidden[0]
+        if ratio in (6, 9):
+            return "flux2"
+        if ratio in (4, 7):
+            return "flux1"
     raise UserError("cannot tell whether this LoRA is for FLUX.1 or FLUX.2 from its keys")
 
 
@@ -100,14 +108,7 @@ def read(path: str | Path) -> Lora:
     fmt = detect_format(raw)
     family = detect_family(raw)
     if fmt == "kohya":
-        from diffusers.loaders import lora_conversion_utils as lcu
-
-        convert = lcu._convert_kohya_flux2_lora_to_diffusers if family == "flux2" else \
-            lcu._convert_kohya_flux_lora_to_diffusers
-        try:
-            state = convert(dict(raw))
-        except Exception as e:
-            raise UserError(f"{path}: kohya keys that do not fit {family} ({e})") from None
+        state = from_bfl(kohya_to_bfl(raw, family), family)
     elif fmt in ("ai-toolkit", "bfl"):
         state = from_bfl({k.removeprefix("diffusion_model."): v for k, v in raw.items()}, family)
     elif fmt == "peft":
@@ -116,6 +117,38 @@ def read(path: str | Path) -> Lora:
         state = dict(raw)
     state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
     return Lora(str(p), fmt, family, state, metadata)
+
+
+def kohya_to_bfl(raw: dict, family: str) -> dict:
+    """kohya/musubi names (lora_unet_<module with underscores>.lora_down/lora_up/alpha) -> BFL lora_A/lora_B,
+    with alpha/rank baked into B. Module names are recovered by matching against the BFL table, since the
+    underscores that replaced dots cannot be told apart from the names' own underscores otherwise.
+
+    (diffusers has a kohya FLUX.2 converter, but it drops the modulation and final-layer modules.)
+    """
+    modules, fused = TABLES[family]
+    patterns = [bfl for _, bfl in modules] + [bfl for _, bfl in fused]
+    rx = [(re.compile("^" + re.escape(p.replace(".", "_")).replace(r"\{i\}", r"(\d+)") + "$"), p)
+          for p in patterns]
+    groups: dict[str, dict] = {}
+    for key, value in raw.items():
+        name, _, suffix = key.removeprefix("lora_unet_").partition(".")
+        groups.setdefault(name, {})[suffix] = value
+    out = {}
+    for name, parts in groups.items():
+        module = None
+        for r, pattern in rx:
+            m = r.match(name)
+            if m:
+                module = pattern.replace("{i}", m.group(1)) if m.groups() else pattern
+                break
+        if module is None or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise UserError(f"kohya LoRA module lora_unet_{name} names no {family} transformer module")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        out[f"{module}.lora_A.weight"] = down
+        out[f"{module}.lora_B.weight"] = up * (alpha / down.shape[0])
+    return out
 
 
 def from_bfl(raw: dict, family: str) -> dict:
@@ -215,7 +248,8 @@ def to_format(lora: Lora, fmt: str) -> dict:
     if fmt not in WRITE_FORMATS:
         raise UserError(f"unknown LoRA format {fmt!r}; valid: {', '.join(WRITE_FORMATS)}")
     if fmt == "diffusers" or (fmt == "ai-toolkit" and lora.family == "flux1"):
-        return {k: v.contiguous() for k, v in lora.state.items()}
+        # clone: parts read from a fused LoRA share their A, which a safetensors file cannot hold twice
+        return {k: v.clone().contiguous() for k, v in lora.state.items()}
     fused = to_bfl(lora.state, lora.family)
     out = {}
     for module, (a, b) in fused.items():
@@ -243,8 +277,11 @@ def write(lora: Lora, fmt: str, path: str | Path, metadata: dict | None = None) 
 
 
 def info(lora: Lora) -> dict:
-    blocks = sorted({m.split(".")[0] + "." + m.split(".")[1] if m.split(".")[1].isdigit() else m.split(".")[0]
-                     for m in lora.modules})
+    def block(module):  # "transformer_blocks.3.attn.to_q" -> "transformer_blocks.3"; "proj_out" stays
+        parts = module.split(".")
+        return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+    blocks = sorted({block(m) for m in lora.modules})
     return {"path": lora.path, "format": lora.format, "family": lora.family, "rank": lora.rank,
             "modules": len(lora.modules), "blocks": blocks[:8] + (["..."] if len(blocks) > 8 else []),
             "metadata": {k: (v if len(str(v)) < 200 else str(v)[:200] + "...") for k, v in lora.metadata.items()}}
@@ -261,14 +298,14 @@ def parse_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False) -> list[str]:
+def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False, transformer=None) -> list[str]:
     """Load LoRAs into the pipeline's transformer, stacked with their scales; with `fuse`, merge them into the
-    weights (faster steps, no unloading). Returns the adapter names."""
+    weights (faster steps, no adapter layers left). Returns the adapter names."""
     loras = [(read(path), scale) for path, scale in specs]
     for lora, _ in loras:
         if lora.family != pipe.spec.family:
             raise UserError(f"{lora.path} is a {lora.family} LoRA; {pipe.label} is a {pipe.spec.family} model")
-    transformer = pipe.components.transformer
+    transformer = transformer if transformer is not None else pipe.components.transformer
     names = []
     for n, (lora, _) in enumerate(loras):
         name = f"lora{n}"
@@ -281,7 +318,7 @@ def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False) -> list[str]
     transformer.set_adapters(names, weights=[s for _, s in loras])
     if fuse:
         transformer.fuse_lora(adapter_names=names)
-        transformer.unload_lora() if hasattr(transformer, "unload_lora") else None
+        transformer.unload_lora()
     pipe.loras = [{"file": Path(lo.path).name, "path": str(Path(lo.path).resolve()), "scale": s,
                    "format": lo.format} for lo, s in loras]
     return names

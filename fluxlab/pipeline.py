@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -77,6 +78,7 @@ class Pipeline:
         self.plan = None
         self.quantized: str | None = None
         self.upcast = False  # bf16 weights computed in fp32 (see devices.upcast_linears)
+        self.loras: list[dict] = []  # applied LoRA files with their scales (lora.apply)
         if spec.kv_references:
             components.after_load.setdefault("transformer", []).append(self.family.use_kv_processors)
         self.encode_seconds = 0.0
@@ -482,6 +484,8 @@ class Pipeline:
             meta["quantize"] = self.quantized
         if self.upcast:
             meta["compute"] = "fp32"
+        if self.loras:
+            meta["loras"] = self.loras
         if self.plan is not None and self.plan.budget:
             meta["memory_plan"] = self.plan.as_dict()
         if job.strength is not None:
@@ -514,7 +518,8 @@ def _repeat(cond: Conditioning, n: int) -> Conditioning:
 
 def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str | None = None,
          notify: Callable[[str], None] | None = None, lean: bool = True, memory: str = "auto",
-         budget: str | int | None = None, quantize: str | None = None, compute: str = "auto") -> Pipeline:
+         budget: str | int | None = None, quantize: str | None = None, compute: str = "auto",
+         loras: list | None = None, fuse_lora: bool = False) -> Pipeline:
     """Load a model (catalog name, local diffusers directory, or hub repo id) and keep it in memory.
 
         pipe = fluxlab.load("flux2-klein-4b")
@@ -523,6 +528,7 @@ def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str
     memory (auto | speed | balanced | low) and budget ("6GB") steer the memory planner; quantize (int8 | fp8 |
     nf4) quantizes the transformer's and text encoders' weights. compute="auto" runs bf16 weights' matmuls in
     fp32 on CPUs without AMX, where that is faster (devices.upcast_linears); "native" keeps bf16 arithmetic.
+    loras: [(path, scale), ...] or ["path:scale", ...], stacked; fuse_lora merges them into the weights.
     """
     from .loading import fetch, load_components, locate, quiet_libraries
 
@@ -550,6 +556,20 @@ def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str
 
         quantize_on_load(components, quantize, stage, pipe.notify)
         pipe.quantized = quantize
+    if loras:
+        from .lora import apply as apply_loras
+        from .lora import parse_spec
+
+        specs = [parse_spec(x) if isinstance(x, str) else tuple(x) for x in loras]
+        for path, _ in specs:  # checked now, applied when the transformer loads
+            from .lora import read
+
+            if read(path).family != source.spec.family:
+                raise UserError(f"{path} is a {read(path).family} LoRA; {source.label} is a {source.spec.family} "
+                                f"model")
+        components.after_load.setdefault("transformer", []).append(
+            lambda t: apply_loras(pipe, specs, fuse=fuse_lora, transformer=t))
+        pipe.loras = [{"file": Path(p).name, "path": str(Path(p).resolve()), "scale": s} for p, s in specs]
     if compute not in ("auto", "native"):
         raise UserError(f"unknown compute mode {compute!r}; valid: auto, native")
     if compute == "auto" and dev.type == "cpu" and dt == torch.bfloat16 and not cpu_has_fast_bf16():
