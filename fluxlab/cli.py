@@ -536,6 +536,45 @@ def device_info(device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = 
     out.print(f"quantization: {', '.join(supported_modes(dev))}")
 
 
+@app.command()
+def train(
+    config: Annotated[str | None, typer.Argument(help="ai-toolkit-style YAML (job: extension).")] = None,
+    images: Annotated[str | None, Opt(help="One-line training: a folder or .zip of images (+ .txt captions).")] =
+        None,
+    trigger: Annotated[str | None, Opt(help="Trigger word for one-line training, e.g. 'zxq person'.")] = None,
+    steps: Annotated[int, Opt(help="One-line training: steps.")] = 1000,
+    model: Annotated[str, Opt("-m", "--model", help="One-line training: base model.")] = "flux2-klein-4b",
+    name: Annotated[str, Opt(help="One-line training: run name.")] = "lora",
+    out_dir: Annotated[str, Opt("--out", help="One-line training: training folder.")] = "output",
+    resolution: Annotated[int, Opt(help="One-line training: resolution.")] = 1024,
+    resume: Annotated[str | None, Opt(help="Continue the run in this folder from its last checkpoint.")] = None,
+    device: Annotated[str | None, Opt(help="Override the config's device.")] = None,
+):
+    """Train a LoRA: from a YAML config, from a folder of images (--images), or --resume a run."""
+    from .loading import quiet_libraries
+    from .trainconfig import load_yaml, one_line
+    from .trainer import Trainer
+
+    if resume:
+        job = load_yaml(Path(resume) / "config.yaml")
+    elif config:
+        if images:
+            raise UserError("give a config file or --images, not both")
+        job = load_yaml(config)
+    elif images:
+        if not trigger:
+            raise UserError("one-line training needs --trigger WORD (what prompts will use to call the concept)")
+        job = one_line(images, trigger, steps, model, name, out_dir, resolution)
+    else:
+        raise UserError("fluxlab train CONFIG.yaml, or fluxlab train --images DIR --trigger WORD, or --resume RUN")
+    quiet_libraries()
+    trainer = Trainer(job, notify=_say, device=device)
+    trainer.setup()
+    final = trainer.train(resume=bool(resume))
+    if trainer.rank == 0:
+        out.print(f"trained: {final}")
+
+
 lora_app = typer.Typer(help="Inspect and convert LoRA files.", no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 

@@ -1,0 +1,207 @@
+"""Training configuration: ai-toolkit's YAML (`job: extension`, `config.process[0]` of type `sd_trainer`) as typed,
+strict pydantic models. Every key of seed 004's recipe is accepted and honoured; an unknown key is an error
+that names it (with a "did you mean"), and a wrong value names its field.
+
+The one-line form (`fluxlab train --images DIR --trigger WORD`) builds the same object with the recipe's
+recommended defaults, so both paths train identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError, did_you_mean
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Network(Strict):
+    type: Literal["lora"] = "lora"
+    linear: int = Field(32, ge=1, le=1024)  # rank
+    linear_alpha: float = Field(32, gt=0)
+
+
+class Save(Strict):
+    dtype: Literal["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"] = "float16"
+    save_every: int = Field(250, ge=1)
+    max_step_saves_to_keep: int = Field(4, ge=1)
+
+
+class Dataset(Strict):
+    folder_path: str
+    caption_ext: str = "txt"
+    caption_dropout_rate: float = Field(0.05, ge=0, le=1)
+    shuffle_tokens: bool = False
+    cache_latents_to_disk: bool = True
+    resolution: list[int] = [1024]
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiples(cls, v):
+        for r in v:
+            if r < 64 or r % 16:
+                raise ValueError(f"resolution {r} must be a multiple of 16, at least 64")
+        return sorted(set(v))
+
+
+class Ema(Strict):
+    use_ema: bool = False
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+
+
+class Train(Strict):
+    batch_size: int = Field(1, ge=1)
+    steps: int = Field(1000, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = True
+    noise_scheduler: Literal["flowmatch"] = "flowmatch"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw8bit"
+    lr: float = Field(1e-4, gt=0)
+    ema_config: Ema = Ema()
+    dtype: Literal["bf16", "fp16", "fp32", "float32", "bfloat16"] = "bf16"
+    timestep_type: Literal["sigmoid", "uniform", "shift", "flux_shift"] = "sigmoid"
+    seed: int = 42
+
+
+class Model(Strict):
+    name_or_path: str
+    quantize: bool = False
+    quantize_dtype: Literal["int8"] = "int8"
+    is_flux: bool | None = None  # ai-toolkit's family hint; the family is read from the model itself
+
+
+class Sample(Strict):
+    sampler: Literal["flowmatch", "euler"] = "flowmatch"
+    sample_every: int = Field(250, ge=1)
+    width: int = 1024
+    height: int = 1024
+    prompts: list[str] = []
+    neg: str = ""
+    seed: int = 42
+    walk_seed: bool = True  # prompt k uses seed + k
+    guidance_scale: float = Field(4.0, ge=0)
+    sample_steps: int = Field(20, ge=1)
+
+
+class Process(Strict):
+    type: Literal["sd_trainer"] = "sd_trainer"
+    training_folder: str = "output"
+    device: str = "auto"
+    trigger_word: str | None = None
+    network: Network = Network()
+    save: Save = Save()
+    datasets: list[Dataset]
+    train: Train = Train()
+    model: Model
+    sample: Sample | None = None
+
+
+class Config(Strict):
+    name: str
+    process: list[Process]
+
+
+class Job(Strict):
+    job: Literal["extension"] = "extension"
+    config: Config
+    meta: dict | None = None
+
+    @property
+    def process(self) -> Process:
+        return self.config.process[0]
+
+
+# Names from other trainers that mean one of ours.
+ALIASES = {"learning_rate": "lr", "rank": "linear", "alpha": "linear_alpha", "network_dim": "linear",
+           "network_alpha": "linear_alpha", "max_train_steps": "steps", "train_batch_size": "batch_size"}
+
+
+def _explain(e: ValidationError, models) -> str:
+    err = e.errors()[0]
+    loc = err["loc"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if err["type"] == "extra_forbidden":
+        # Find the model the unknown key sits in, for its valid names.
+        parent, key = where.rsplit(".", 1) if "." in where else ("", where)
+        valid = _fields_at(loc[:-1], models)
+        hint = did_you_mean(str(loc[-1]), valid) if valid else ""
+        if not hint and ALIASES.get(str(loc[-1])) in valid:
+            hint = f" (did you mean {ALIASES[str(loc[-1])]!r}?)"
+        return f"unknown key {key!r} in {parent or 'the top level'}{hint}"
+    return f"{where}: {err['msg'].lower()} (got {err.get('input')!r})"
+
+
+def _fields_at(loc, model) -> list[str]:
+    """Field names of the pydantic model reached by following `loc` from `model`."""
+    import typing
+
+    current = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for arg in (ann, *typing.get_args(ann), *(a for t in typing.get_args(ann) for a in typing.get_args(t))):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+                break
+    return list(current.model_fields)
+
+
+def parse(data: dict, source: str = "config") -> Job:
+    try:
+        job = Job.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{source}: {_explain(e, Job)}") from None
+    if len(job.config.process) != 1:
+        raise UserError(f"{source}: config.process must hold exactly one sd_trainer process")
+    return job
+
+
+def load_yaml(path: str | Path) -> Job:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"training config {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} should hold a YAML mapping with job: and config:")
+    return parse(data, str(path))
+
+
+def one_line(images: str, trigger: str, steps: int, model: str, name: str, out: str, resolution: int = 1024,
+             rank: int = 32) -> Job:
+    """The hosted-trainer flow (seed 003) with seed 004's recommended settings."""
+    return parse({
+        "job": "extension",
+        "config": {"name": name, "process": [{
+            "type": "sd_trainer", "training_folder": out, "trigger_word": trigger,
+            "network": {"type": "lora", "linear": rank, "linear_alpha": rank},
+            "save": {"dtype": "float16", "save_every": max(1, steps // 4), "max_step_saves_to_keep": 4},
+            "datasets": [{"folder_path": images, "caption_ext": "txt", "caption_dropout_rate": 0.05,
+                          "resolution": [resolution]}],
+            "train": {"batch_size": 1, "steps": steps, "gradient_accumulation_steps": 1,
+                      "gradient_checkpointing": True, "optimizer": "adamw8bit", "lr": 1e-4, "dtype": "bf16"},
+            "model": {"name_or_path": model},
+        }]},
+    }, "one-line training")

@@ -1,0 +1,484 @@
+"""The LoRA trainer: flow-matching training of a FLUX transformer's LoRA from an ai-toolkit-style config.
+
+Written here because the loop is where training tools differ (caching, timestep sampling, resume, what a
+run folder holds); the parts are the field's: peft adds the LoRA, diffusers provides the model, accelerate
+starts data-parallel processes, bitsandbytes provides 8-bit AdamW where it runs.
+
+Exact resume: the data order is a function of (seed, epoch), the noise/timestep/dropout generator's state
+and the optimizer and EMA state are saved with every checkpoint (safetensors + JSON, never pickle), so a run
+resumed from its last save continues as if it had never stopped.
+
+Run folder (<training_folder>/<name>/):
+    config.yaml          the resolved config
+    NAME_000340.safetensors, ..., NAME.safetensors    LoRA checkpoints (ai-toolkit key names)
+    state/               the exact training state of the last checkpoint
+    samples/             sample images every sample_every steps
+    loss.csv, loss.png   the loss per step and its curve
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .trainconfig import Job
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+
+
+class Trainer:
+    def __init__(self, job: Job, notify=print, device: str | None = None):
+        self.job, self.p, self.notify = job, job.process, notify
+        self.run_dir = Path(self.p.training_folder) / job.config.name
+        self.device_name = device or self.p.device
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.rank != 0:  # one voice per run
+            self.notify = lambda m: None
+
+    # -- setup --------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        from .dataset import scan
+        from .pipeline import load
+
+        p = self.p
+        if not p.train.train_unet:
+            raise UserError("train.train_unet is false and fluxlab trains the transformer only: nothing to train")
+        if p.train.train_text_encoder:
+            self.notify("train_text_encoder: true is not supported yet; training the transformer's LoRA only")
+        self.items, self.item_dataset = [], []  # each item, and the dataset settings it came with
+        for d in p.datasets:
+            found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
+                         workdir=self.run_dir / "datasets")
+            self.items += found
+            self.item_dataset += [d] * len(found)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            # Started by `accelerate launch` (torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR). accelerate
+            # leaves the group uninitialised when there is no GPU, so it is set up here: gloo on CPU, NCCL on GPU.
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device_name.startswith("cuda") else "gloo")
+            self.dist = dist
+        dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[DTYPES[p.train.dtype]]
+        device = self.device_name
+        if self.world > 1 and device == "cuda":
+            device = f"cuda:{self.rank}"  # one GPU per process
+        self.pipe = load(self.train_model(), device=device, dtype=dtype, notify=self.notify,
+                         quantize="int8" if p.model.quantize else None, compute="native")
+        self.torch = torch
+        self._cache_text()
+        self._cache_latents()
+        self._add_lora()
+
+    def train_model(self) -> str:
+        """klein: train on the base model (LoRAs trained on the distilled model are reported to give grey
+        images); samples are then made with the distilled model."""
+        name = self.p.model.name_or_path
+        swap = {"flux2-klein-4b": "flux2-klein-base-4b", "flux2-klein-9b": "flux2-klein-base-9b"}
+        if name in swap:
+            self.notify(f"training on {swap[name]} (klein LoRAs train on the base model); samples use {name}")
+            self.sample_model = name
+            return swap[name]
+        self.sample_model = None
+        return name
+
+    def _captions(self) -> list[str]:
+        """Every text a training step can condition on: captions, their shufflings, and "" (dropout)."""
+        caps = {it.caption for it in self.items}
+        for it, d in zip(self.items, self.item_dataset, strict=True):
+            if d.shuffle_tokens:
+                caps.update(self._shuffled(it.caption, k) for k in range(4))
+        return sorted(caps | {""})
+
+    @staticmethod
+    def _shuffled(caption: str, k: int) -> str:
+        """One of four fixed shufflings of a caption's comma-separated tags (the first tag, usually the trigger,
+        stays first), so shuffled captions can be encoded once up front."""
+        import random
+
+        tags = [t.strip() for t in caption.split(",")]
+        head, rest = tags[:1], tags[1:]
+        random.Random(f"{caption}|{k}").shuffle(rest)
+        return ", ".join(head + rest)
+
+    def _cache_text(self) -> None:
+        """Encode every caption (and sample prompt) once, then release the text encoder."""
+        prompts = self._captions()
+        if self.p.sample:
+            prompts += [self._trigger(x) for x in self.p.sample.prompts] + [self.p.sample.neg]
+        with self.torch.inference_mode():
+            self.pipe.encode_prompts(prompts)
+        self.pipe.components.release("text_encoder", "text_encoder_2")
+        self.notify(f"encoded {len(set(prompts))} distinct captions and prompts; text encoder released")
+
+    def _trigger(self, text: str) -> str:
+        return text.replace("[trigger]", self.p.trigger_word or "")
+
+    def _cache_latents(self) -> None:
+        """VAE latents per (image bytes, bucket), on disk in <training_folder>/latent_cache when asked."""
+        import hashlib
+
+        from diffusers.image_processor import VaeImageProcessor
+        from PIL import Image
+        from safetensors.torch import load_file, save_file
+
+        from .output import atomic_write
+
+        torch, pipe = self.torch, self.pipe
+        cache_dir = Path(self.p.training_folder) / "latent_cache"
+        proc = VaeImageProcessor(vae_scale_factor=pipe.family.vae_scale * 2)
+        self.latents = {}
+        for it in self.items:
+            digest = hashlib.sha256(it.path.read_bytes()).hexdigest()[:32]
+            key = f"{digest}_{it.width}x{it.height}"
+            if key in self.latents:
+                continue
+            f = cache_dir / f"{key}_{pipe.spec.family}.safetensors"
+            if f.is_file():
+                self.latents[key] = load_file(str(f))["latents"]
+                continue
+            with Image.open(it.path) as im:
+                img = im.convert("RGB")
+            pixels = proc.preprocess(img, height=it.height, width=it.width, resize_mode="crop")
+            with torch.inference_mode():
+                z = pipe.family.encode_image(pixels.to(pipe.device, pipe.dtype), torch.Generator().manual_seed(0))
+            tokens = pipe.family.pack(z).float().cpu().contiguous()
+            self.latents[key] = tokens
+            if self.datasets_cache_to_disk() and self.rank == 0:
+                atomic_write(f, lambda tmp, t=tokens: save_file({"latents": t}, str(tmp)))
+        self.keys = [f"{hashlib.sha256(it.path.read_bytes()).hexdigest()[:32]}_{it.width}x{it.height}"
+                     for it in self.items]
+
+    def datasets_cache_to_disk(self) -> bool:
+        return any(d.cache_latents_to_disk for d in self.p.datasets)
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig
+
+        torch = self.torch
+        t = self.pipe.components.transformer
+        # Every Linear of the transformer, as ai-toolkit trains FLUX (embedders, modulation and output too).
+        targets = sorted({n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)})
+        torch.manual_seed(self.p.train.seed)
+        t.add_adapter(LoraConfig(r=self.p.network.linear, lora_alpha=self.p.network.linear_alpha,
+                                 target_modules=targets, init_lora_weights=True))
+        t.requires_grad_(False)
+        self.params = {}
+        for n, param in t.named_parameters():
+            if "lora_" in n:
+                param.data = param.data.float()
+                param.requires_grad_(True)
+                self.params[n] = param
+        if self.p.train.gradient_checkpointing and hasattr(t, "enable_gradient_checkpointing"):
+            t.enable_gradient_checkpointing()
+        t.train()
+        self.optimizer = self._optimizer(list(self.params.values()))
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if self.p.train.ema_config.use_ema \
+            else None
+
+    def _optimizer(self, params):
+        torch = self.torch
+        if self.p.train.optimizer == "adamw8bit":
+            if self.pipe.device.type == "cuda":
+                try:
+                    import bitsandbytes as bnb
+
+                    return bnb.optim.AdamW8bit(params, lr=self.p.train.lr)
+                except ImportError:
+                    pass
+            self.notify("adamw8bit needs bitsandbytes on a CUDA GPU; using AdamW (32-bit states)")
+        return torch.optim.AdamW(params, lr=self.p.train.lr)
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches: items repeated, grouped by bucket, shuffled by (seed, epoch)."""
+        import random
+
+        rng = random.Random(self.p.train.seed * 1_000_003 + epoch)
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(self.items):
+            groups.setdefault((it.width, it.height), []).extend([i] * it.repeats)
+        batches = []
+        for key in sorted(groups):
+            idx = groups[key]
+            rng.shuffle(idx)
+            bs = self.p.train.batch_size
+            batches += [idx[j:j + bs] for j in range(0, len(idx) - bs + 1, bs)] or [idx[:bs]]
+        rng.shuffle(batches)
+        return batches
+
+    def batch(self, index: int) -> list[int]:
+        per_epoch = len(self._batches(0))
+        epoch, within = divmod(index, per_epoch)
+        if getattr(self, "_epoch_cache", (None,))[0] != epoch:
+            self._epoch_cache = (epoch, self._batches(epoch))
+        return self._epoch_cache[1][within]
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _timesteps(self, n: int, tokens: int, gen):
+        torch, kind = self.torch, self.p.train.timestep_type
+        if kind == "uniform":
+            return torch.rand(n, generator=gen)
+        t = torch.sigmoid(torch.randn(n, generator=gen))
+        if kind == "shift":
+            s = 3.0
+            t = t * s / (1 + (s - 1) * t)
+        elif kind == "flux_shift":
+            from .schedule import flux1_mu
+
+            s = math.exp(flux1_mu(tokens))
+            t = t * s / (1 + (s - 1) * t)
+        return t
+
+    def loss(self, index: int, gen):
+        """Flow-matching loss on one batch: predict v = noise - x0 at x_t = (1 - t) x0 + t noise."""
+        torch, pipe = self.torch, self.pipe
+        ids = self.batch(index)
+        x0 = torch.cat([self.latents[self.keys[i]] for i in ids]).to(pipe.device)
+        captions = []
+        for i in ids:
+            it, d = self.items[i], self.item_dataset[i]
+            cap = it.caption
+            if d.shuffle_tokens:
+                cap = self._shuffled(cap, int(torch.randint(0, 4, (1,), generator=gen)))
+            if torch.rand(1, generator=gen).item() < d.caption_dropout_rate:
+                cap = ""
+            captions.append(cap)
+        with torch.no_grad():
+            cond = pipe.encode_prompts(captions)
+        t = self._timesteps(len(ids), x0.shape[1], gen).to(pipe.device)
+        noise = torch.randn(x0.shape, generator=gen).to(pipe.device)
+        tt = t.view(-1, 1, 1)
+        x_t = ((1 - tt) * x0 + tt * noise).to(pipe.dtype)
+        it = self.items[ids[0]]
+        img_ids = pipe.family.image_ids(len(ids), it.width, it.height, pipe.device)
+        # Guidance-distilled models train at guidance 1 (sd-scripts' advice for FLUX.1 dev).
+        pred = pipe.family.velocity(x_t, (t * 1000).to(pipe.dtype), cond, img_ids, 1.0)
+        return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def train(self, resume: bool = False, stop_after: int | None = None) -> Path:
+        torch, p = self.torch, self.p
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(p.train.seed + 7919 * self.rank)
+        start = 0
+        if resume:
+            start = self._load_state(gen)
+            self.notify(f"resuming {self.run_dir} after step {start}")
+        elif self.rank == 0:
+            self._write_config()
+            (self.run_dir / "loss.csv").write_text("step,loss,lr,seconds\n")
+        accum = p.train.gradient_accumulation_steps
+        for step in range(start, p.train.steps):
+            t0 = time.perf_counter()
+            total = 0.0
+            for micro in range(accum):
+                index = (step * accum + micro) * self.world + self.rank
+                loss = self.loss(index, gen) / accum
+                loss.backward()
+                total += loss.item()
+            if self.world > 1:
+                for param in self.params.values():
+                    self.dist.all_reduce(param.grad)
+                    param.grad /= self.world
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                d = p.train.ema_config.ema_decay
+                for n, param in self.params.items():
+                    self.ema[n].mul_(d).add_(param.detach(), alpha=1 - d)
+            if self.rank == 0:
+                with open(self.run_dir / "loss.csv", "a", newline="") as f:
+                    csv.writer(f).writerow([step + 1, f"{total:.6f}", p.train.lr, f"{time.perf_counter() - t0:.3f}"])
+            done = step + 1
+            if done % p.save.save_every == 0 or done == p.train.steps:
+                self.save(done, gen)
+            if p.sample and done % p.sample.sample_every == 0 and self.rank == 0:
+                self.sample(done)
+            if stop_after is not None and done >= stop_after:
+                break
+        if self.rank == 0:
+            plot_loss(self.run_dir / "loss.csv", self.run_dir / "loss.png")
+        return self.run_dir / f"{self.job.config.name}.safetensors"
+
+    # -- saving -------------------------------------------------------------------------------------
+    def lora_state(self, ema: bool = True) -> dict:
+        """The LoRA as diffusers-named tensors (EMA weights when EMA is on)."""
+        src = self.ema if (ema and self.ema is not None) else {n: p.detach() for n, p in self.params.items()}
+        out = {}
+        for n, v in src.items():
+            # peft names: <module>.lora_A.default.weight -> transformer.<module>.lora_A.weight
+            out["transformer." + n.replace(".default.", ".")] = v.detach().float().cpu()
+        return out
+
+    def save(self, step: int, gen) -> None:
+        if self.rank != 0:
+            return
+        from . import lora as L
+
+        name = self.job.config.name
+        dtype = getattr(self.torch, DTYPES[self.p.save.dtype])
+        state = {k: v.to(dtype) for k, v in self.lora_state().items()}
+        lo = L.Lora("", "diffusers", self.pipe.spec.family, state)
+        meta = {"fluxlab.config": json.dumps(self.job.model_dump()), "fluxlab.base_model": self.pipe.label,
+                "fluxlab.trigger_word": self.p.trigger_word or "", "fluxlab.step": str(step),
+                "fluxlab.world_size": str(self.world),
+                "ss_output_name": name}
+        final = step == self.p.train.steps
+        target = self.run_dir / (f"{name}.safetensors" if final else f"{name}_{step:06d}.safetensors")
+        L.write(lo, "ai-toolkit", target, meta)
+        self._save_state(step, gen)
+        saves = sorted(self.run_dir.glob(f"{name}_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
+        for old in saves[:-self.p.save.max_step_saves_to_keep]:
+            old.unlink()
+        plot_loss(self.run_dir / "loss.csv", self.run_dir / "loss.png")
+        self.notify(f"saved {target.name} (step {step})")
+
+    def _save_state(self, step: int, gen) -> None:
+        """Parameters, optimizer moments, EMA and RNG state as safetensors + JSON, written atomically."""
+        from safetensors.torch import save_file
+
+        from .output import atomic_write
+
+        torch = self.torch
+        tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.params.items()}
+        opt = self.optimizer.state_dict()
+        scalars = {}
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.ndim > 0:
+                    tensors[f"opt.{i}.{k}"] = v.cpu().contiguous()
+                else:
+                    scalars[f"{i}.{k}"] = float(v)
+        if self.ema is not None:
+            tensors.update({f"ema.{n}": v.cpu().contiguous() for n, v in self.ema.items()})
+        tensors["rng"] = gen.get_state()
+        info = {"step": step, "scalars": scalars, "param_groups": opt["param_groups"],
+                "torch_rng": torch.get_rng_state().tolist()}
+        d = self.run_dir / "state"
+        atomic_write(d / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(d / "state.json", lambda tmp: tmp.write_text(json.dumps(info)))
+
+    def _load_state(self, gen) -> int:
+        from safetensors.torch import load_file
+
+        torch = self.torch
+        d = self.run_dir / "state"
+        if not (d / "state.json").is_file():
+            raise UserError(f"{self.run_dir} has no saved training state to resume from (state/state.json)")
+        info = json.loads((d / "state.json").read_text())
+        tensors = load_file(str(d / "state.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"param.{n}"])
+        state = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                state.setdefault(int(i), {})[k] = v
+        for key, v in info["scalars"].items():
+            i, k = key.split(".", 1)
+            state.setdefault(int(i), {})[k] = torch.tensor(v)
+        self.optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        if self.ema is not None:
+            self.ema = {n: tensors[f"ema.{n}"].clone() for n in self.params}
+        gen.set_state(tensors["rng"])
+        torch.set_rng_state(torch.tensor(info["torch_rng"], dtype=torch.uint8))
+        with open(self.run_dir / "loss.csv") as f:  # drop rows logged after the checkpoint
+            rows = [r for r in csv.reader(f)]
+        kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= info["step"]]
+        with open(self.run_dir / "loss.csv", "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        return info["step"]
+
+    def _write_config(self) -> None:
+        import yaml
+
+        from .output import atomic_write
+
+        text = yaml.safe_dump(self.job.model_dump(), sort_keys=False)
+        atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
+
+    # -- samples ------------------------------------------------------------------------------------
+    def sample(self, step: int) -> None:
+        """Sample images with the current LoRA (the adapter is live in the transformer)."""
+        from .output import save_png
+
+        s, torch = self.p.sample, self.torch
+        t = self.pipe.components.transformer
+        t.eval()
+        pipe = self._sampling_pipeline()
+        folder = self.run_dir / "samples"
+        try:
+            for k, prompt in enumerate(s.prompts):
+                fields = dict(prompt=self._trigger(prompt), width=s.width, height=s.height, steps=s.sample_steps,
+                              seed=s.seed + k if s.walk_seed else s.seed)
+                if pipe.spec.guidance_mode != "none":
+                    fields["guidance"] = s.guidance_scale
+                if pipe.spec.guidance_mode == "cfg":
+                    fields["negative"] = s.neg
+                if pipe.spec.distilled:
+                    fields["steps"] = pipe.spec.steps
+                with torch.no_grad():
+                    r = pipe.generate(**fields)[0]
+                save_png(r.image, folder / f"step{step:06d}-{k}.png", {**r.metadata, "train_step": step})
+        finally:
+            t.train()
+
+    def _sampling_pipeline(self):
+        """The training pipeline itself, or for klein the distilled model with the current LoRA loaded."""
+        if self.sample_model is None:
+            return self.pipe
+        from .pipeline import load
+
+        if getattr(self, "_sampler", None) is None:
+            self._sampler = load(self.sample_model, device=self.device_name, notify=self.notify)
+        t = self._sampler.components.transformer
+        if "train" in getattr(t, "peft_config", {}):
+            t.delete_adapters("train")
+        state = {k.removeprefix("transformer."): v.to(self._sampler.dtype) for k, v in self.lora_state().items()}
+        t.load_lora_adapter(state, adapter_name="train", prefix=None)
+        return self._sampler
+
+
+def plot_loss(csv_path: Path, png_path: Path) -> None:
+    """A small loss-curve PNG (raw loss and a moving average), drawn with PIL."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .output import atomic_write
+
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return
+    if not rows:
+        return
+    ys = [float(r["loss"]) for r in rows]
+    w, h, pad = 640, 360, 40
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default(size=12)
+    lo, hi = min(ys), max(ys)
+    span = hi - lo or 1.0
+
+    def xy(i, y):
+        return pad + (w - 2 * pad) * (i / max(1, len(ys) - 1)), h - pad - (h - 2 * pad) * ((y - lo) / span)
+
+    d.line([xy(i, y) for i, y in enumerate(ys)], fill=(170, 190, 230), width=1)
+    k = max(1, len(ys) // 20)
+    avg = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+    d.line([xy(i, y) for i, y in enumerate(avg)], fill=(20, 60, 160), width=2)
+    d.rectangle([pad, pad, w - pad, h - pad], outline="gray")
+    d.text((pad, 10), f"loss over {len(ys)} steps (moving average of {k})", fill="black", font=font)
+    d.text((5, pad - 6), f"{hi:.4f}", fill="black", font=font)
+    d.text((5, h - pad - 6), f"{lo:.4f}", fill="black", font=font)
+    atomic_write(png_path, lambda tmp: im.save(tmp, format="PNG"))

@@ -1,0 +1,223 @@
+"""LoRA training: seed 004's YAML as written, learning, exact resume after kill -9, two processes, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from fluxlab.trainconfig import parse
+from fluxlab.trainer import Trainer
+
+
+def circles(folder: Path, n: int, caption: str | None = "[trigger], a red circle on white") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(im).ellipse([12 + i % 3, 12, 50, 50], fill=(220, 30, 30))
+        im.save(folder / f"img{i}.png")
+        if caption is not None:
+            (folder / f"img{i}.txt").write_text(caption)
+    return folder
+
+
+def seed_004_config(tmp_path, model, steps=6, save_every=3, **train):
+    """Seed 004's section-8 recipe, key for key, with local paths and a tiny model."""
+    d1 = circles(tmp_path / "dataset" / "40_maya_char", 3)
+    d2 = circles(tmp_path / "dataset" / "20_maya_char_realbody", 2)
+    return {
+        "job": "extension",
+        "config": {"name": "flux_character_lora", "process": [{
+            "type": "sd_trainer", "training_folder": str(tmp_path / "output"), "device": "cpu",
+            "trigger_word": "maya_char",
+            "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+            "save": {"dtype": "float16", "save_every": save_every, "max_step_saves_to_keep": 2},
+            "datasets": [
+                {"folder_path": str(d), "caption_ext": "txt", "caption_dropout_rate": 0.05, "shuffle_tokens": False,
+                 "cache_latents_to_disk": True, "resolution": [64, 64]} for d in (d1, d2)],
+            "train": {"batch_size": 1, "steps": steps, "gradient_accumulation_steps": 2, "train_unet": True,
+                      "train_text_encoder": False, "gradient_checkpointing": True, "noise_scheduler": "flowmatch",
+                      "optimizer": "adamw8bit", "lr": 0.0001, "ema_config": {"use_ema": True, "ema_decay": 0.999},
+                      "dtype": "bf16", **train},
+            "model": {"name_or_path": str(model), "quantize": True, "quantize_dtype": "int8"},
+            "sample": {"sampler": "flowmatch", "sample_every": save_every, "width": 64, "height": 64,
+                       "prompts": ["maya_char, portrait, smiling, high quality", "[trigger], full body"],
+                       "neg": "low quality, blurry, artifacts", "guidance_scale": 3.5, "sample_steps": 2},
+        }]},
+    }
+
+
+def test_seed_004_yaml_trains(tiny_dirs, tmp_path, capsys):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump(seed_004_config(tmp_path, tiny_dirs["flux2-klein-base"])))
+    code, out, err = run(capsys, "train", cfg)
+    assert code == 0, err
+    run_dir = tmp_path / "output" / "flux_character_lora"
+    names = sorted(p.name for p in run_dir.glob("*.safetensors"))
+    assert names == ["flux_character_lora.safetensors", "flux_character_lora_000003.safetensors"]
+    with safe_open(str(run_dir / "flux_character_lora_000003.safetensors"), "pt") as f:
+        meta = f.metadata()
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert meta["fluxlab.step"] == "3" and meta["fluxlab.trigger_word"] == "maya_char"
+    assert json.loads(meta["fluxlab.config"])["config"]["name"] == "flux_character_lora"
+    assert dtypes == {torch.float16}
+    assert len(list(csv.DictReader((run_dir / "loss.csv").open()))) == 6
+    assert (run_dir / "loss.png").is_file() and (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step000003-0.png", "step000003-1.png", "step000006-0.png", "step000006-1.png"]
+    assert list((tmp_path / "output" / "latent_cache").glob("*.safetensors"))  # cached on disk
+    # The trained LoRA loads back and is read as ai-toolkit FLUX.2.
+    code, out, _ = run(capsys, "lora", "info", run_dir / "flux_character_lora.safetensors", "--json")
+    assert json.loads(out)["format"] == "ai-toolkit" and json.loads(out)["family"] == "flux2"
+
+
+def test_training_lowers_loss_and_moves_generations(tiny_dirs, tmp_path):
+    """300 steps on one concept: the loss drops and the trigger prompt's result moves toward the training
+    latents (compared in latent space: the tiny VAE is random, its pixels mean nothing)."""
+    circles(tmp_path / "ds", 6)
+    cfg = seed_004_config(tmp_path, tiny_dirs["flux2-klein"], steps=300, save_every=300)
+    p = cfg["config"]["process"][0]
+    p["datasets"] = [{"folder_path": str(tmp_path / "ds"), "resolution": [64], "caption_dropout_rate": 0.0}]
+    p.update(trigger_word="zxq", sample=None)
+    p["network"].update(linear=8, linear_alpha=8)
+    p["model"].update(quantize=False)
+    p["train"].update(lr=1e-2, gradient_accumulation_steps=1, dtype="fp32", ema_config={"use_ema": False})
+    t = Trainer(parse(cfg), notify=lambda m: None)
+    t.setup()
+    target = t.pipe.family.unpack(t.latents[t.keys[0]], 64, 64)
+
+    def distance():
+        t.pipe.components.transformer.eval()
+        with torch.no_grad():
+            z = t.pipe.generate(prompt="zxq, a red circle on white", width=64, height=64, seed=1, steps=4)[0].latents
+        t.pipe.components.transformer.train()
+        return (z - target).abs().mean().item()
+
+    before = distance()
+    t.train()
+    after = distance()
+    losses = [float(r["loss"]) for r in csv.DictReader((t.run_dir / "loss.csv").open())]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.5 * first, (first, last)  # measured: 0.99 -> 0.25
+    assert after < 0.5 * before, (before, after)  # measured: 0.84 -> 0.24
+
+
+def small_config(tmp_path, model, steps, save_every):
+    circles(tmp_path / "ds", 4)
+    cfg = seed_004_config(tmp_path, model, steps=steps, save_every=save_every)
+    p = cfg["config"]["process"][0]
+    p["datasets"] = [{"folder_path": str(tmp_path / "ds"), "resolution": [64], "shuffle_tokens": True}]
+    p.update(sample=None)
+    p["model"].update(quantize=False)
+    p["train"].update(lr=1e-3, dtype="fp32")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def final_lora(run_dir):
+    with safe_open(str(run_dir / "flux_character_lora.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_dirs, tmp_path, capsys):
+    a_cfg = small_config(tmp_path / "a", tiny_dirs["flux2-klein"], steps=40, save_every=5)
+    assert run(capsys, "train", a_cfg)[0] == 0
+    b_cfg = small_config(tmp_path / "b", tiny_dirs["flux2-klein"], steps=40, save_every=5)
+    b_dir = tmp_path / "b" / "output" / "flux_character_lora"
+    proc = subprocess.Popen([sys.executable, "-m", "fluxlab", "train", str(b_cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (b_dir / "flux_character_lora_000010.safetensors").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b_dir / "flux_character_lora.safetensors").exists()  # it really died mid-run
+    code, _, err = run(capsys, "train", "--resume", b_dir)
+    assert code == 0, err
+    a, b = final_lora(tmp_path / "a" / "output" / "flux_character_lora"), final_lora(b_dir)
+    assert set(a) == set(b)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    steps = [int(r["step"]) for r in csv.DictReader((b_dir / "loss.csv").open())]
+    assert steps == list(range(1, 41))  # no step repeated or skipped
+
+
+def test_two_processes_with_accelerate(tiny_dirs, tmp_path):
+    cfg = small_config(tmp_path, tiny_dirs["flux2-klein"], steps=4, save_every=4)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the processes train on CPU.
+    r = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fluxlab", "train", str(cfg)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    with safe_open(str(tmp_path / "output" / "flux_character_lora" / "flux_character_lora.safetensors"), "pt") as f:
+        assert f.metadata()["fluxlab.world_size"] == "2"
+
+
+def test_one_line_training(tiny_dirs, tmp_path, capsys):
+    circles(tmp_path / "imgs", 3, caption=None)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        for f in (tmp_path / "imgs").iterdir():
+            z.write(f, f.name)
+    code, _, err = run(capsys, "train", "--images", tmp_path / "imgs.zip", "--trigger", "zxq star", "--steps", 2,
+                       "-m", tiny_dirs["flux2-klein"], "--name", "star", "--out", tmp_path / "runs",
+                       "--resolution", 64, "--device", "cpu")
+    assert code == 0, err
+    assert "have no .txt caption; using the trigger word" in err
+    assert "skipping 1 unreadable image(s)" in err and "broken.png" in err
+    with safe_open(str(tmp_path / "runs" / "star" / "star.safetensors"), "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["fluxlab.config"])["config"]["process"][0]
+    assert (cfg["network"]["linear"], cfg["network"]["linear_alpha"], cfg["train"]["lr"]) == (32, 32, 1e-4)
+
+
+def _bad(tmp_path, tiny_dirs, mutate):
+    cfg = seed_004_config(tmp_path, tiny_dirs["flux2-klein"])
+    mutate(cfg["config"]["process"][0])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda p: p["train"].update(learning_rate=1e-4), "unknown key 'learning_rate' in config.process[0].train "
+                                                     "(did you mean 'lr'?)"),
+    (lambda p: p["train"].update(lr="fast"), "config.process[0].train.lr: input should be a valid number"),
+    (lambda p: p["datasets"][0].update(folder_path="/no/such/folder"), "dataset folder /no/such/folder does not"),
+    (lambda p: p["network"].update(linar=4), "unknown key 'linar' in config.process[0].network (did you mean"),
+], ids=["unknown-key", "lr-fast", "missing-folder", "typo"])
+def test_bad_configs(tiny_dirs, tmp_path, capsys, mutate, message):
+    code, _, err = run(capsys, "train", _bad(tmp_path, tiny_dirs, mutate))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_datasets(tiny_dirs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as z:
+        z.writestr("../escape.png", b"x")
+    (tmp_path / "broken.yaml").write_text("job: extension\nconfig: [unclosed\n")
+    for args, message in [
+        (["--images", tmp_path / "empty", "--trigger", "x"], "has no readable images"),
+        (["--images", tmp_path / "evil.zip", "--trigger", "x"], "unsafe member path '../escape.png'"),
+        (["--images", tmp_path / "empty"], "needs --trigger"),
+        ([tmp_path / "broken.yaml"], "is not valid YAML"),
+        ([tmp_path / "missing.yaml"], "does not exist"),
+    ]:
+        code, _, err = run(capsys, "train", *args, "-m", tiny_dirs["flux2-klein"], "--out", tmp_path / "runs")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "escape.png").exists()
