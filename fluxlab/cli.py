@@ -155,7 +155,8 @@ def generate(
     from .pipeline import load
 
     notify = (lambda m: None) if quiet else _say
-    with err.status("loading model...", spinner="dots") if not quiet and err.is_terminal else _nullctx():
+    with err.status("loading model...", spinner="dots") if not quiet and err.is_terminal else \
+            contextlib.nullcontext():
         pipe = load(model, device=device, dtype=dtype, transformer=transformer, notify=notify, memory=memory,
                     budget=budget, quantize=quantize, loras=lora, fuse_lora=fuse_lora)
     jobs = [resolve(r, pipe.spec) for r in requests]
@@ -328,14 +329,6 @@ def _print_summary(summary: dict) -> None:
     if summary["peak_device_bytes"] is not None:
         t.add_row("peak device memory", f"{summary['peak_device_bytes'] / 2**30:.2f} GiB")
     err.print(t)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @app.command()

@@ -17,7 +17,6 @@ Application uses peft through diffusers' `load_lora_adapter`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +322,3 @@ def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False, transformer=
                    "format": lo.format} for lo, s in loras]
     return names
 
-
-def metadata_json(d: dict) -> str:
-    return json.dumps(d, sort_keys=True)

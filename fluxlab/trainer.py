@@ -361,21 +361,24 @@ class Trainer:
         if self.ema is not None:
             tensors.update({f"ema.{n}": v.cpu().contiguous() for n, v in self.ema.items()})
         tensors["rng"] = gen.get_state()
-        info = {"step": step, "scalars": scalars, "param_groups": opt["param_groups"],
-                "torch_rng": torch.get_rng_state().tolist()}
-        d = self.run_dir / "state"
-        atomic_write(d / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-        atomic_write(d / "state.json", lambda tmp: tmp.write_text(json.dumps(info)))
+        tensors["torch_rng"] = torch.get_rng_state()
+        info = {"step": step, "scalars": scalars, "param_groups": opt["param_groups"]}
+        # One file, replaced atomically: a kill at any moment leaves either the old state or the new one,
+        # never tensors of one step with the counters of another.
+        atomic_write(self.run_dir / "state" / "state.safetensors",
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"fluxlab.state": json.dumps(info)}))
 
     def _load_state(self, gen) -> int:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         torch = self.torch
-        d = self.run_dir / "state"
-        if not (d / "state.json").is_file():
-            raise UserError(f"{self.run_dir} has no saved training state to resume from (state/state.json)")
-        info = json.loads((d / "state.json").read_text())
-        tensors = load_file(str(d / "state.safetensors"))
+        f = self.run_dir / "state" / "state.safetensors"
+        if not f.is_file():
+            raise UserError(f"{self.run_dir} has no saved training state to resume from (state/state.safetensors)")
+        with safe_open(str(f), framework="pt") as st:
+            info = json.loads(st.metadata()["fluxlab.state"])
+        tensors = load_file(str(f))
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[f"param.{n}"])
@@ -391,7 +394,7 @@ class Trainer:
         if self.ema is not None:
             self.ema = {n: tensors[f"ema.{n}"].clone() for n in self.params}
         gen.set_state(tensors["rng"])
-        torch.set_rng_state(torch.tensor(info["torch_rng"], dtype=torch.uint8))
+        torch.set_rng_state(tensors["torch_rng"])
         with open(self.run_dir / "loss.csv") as f:  # drop rows logged after the checkpoint
             rows = [r for r in csv.reader(f)]
         kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= info["step"]]
