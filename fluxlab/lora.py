@@ -34,6 +34,9 @@ class Lora:
     family: str
     state: dict  # diffusers names with the "transformer." prefix, lora_A / lora_B
     metadata: dict = field(default_factory=dict)
+    # Text-encoder LoRA (trained with train_text_encoder): peft names under text_encoder. / text_encoder_2.,
+    # written unchanged in every format.
+    te_state: dict = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -104,6 +107,10 @@ def read(path: str | Path) -> Lora:
     with safe_open(str(p), framework="pt") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
         metadata = dict(f.metadata() or {})
+    te_state = {k: v for k, v in raw.items() if k.split(".", 1)[0] in ("text_encoder", "text_encoder_2")}
+    raw = {k: v for k, v in raw.items() if k not in te_state}
+    if not raw and te_state:
+        raise UserError(f"{path} holds only a text-encoder LoRA; fluxlab applies LoRAs that include the transformer")
     fmt = detect_format(raw)
     family = detect_family(raw)
     if fmt == "kohya":
@@ -115,7 +122,7 @@ def read(path: str | Path) -> Lora:
     else:
         state = dict(raw)
     state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
-    return Lora(str(p), fmt, family, state, metadata)
+    return Lora(str(p), fmt, family, state, metadata, te_state)
 
 
 def kohya_to_bfl(raw: dict, family: str) -> dict:
@@ -246,11 +253,12 @@ def to_format(lora: Lora, fmt: str) -> dict:
 
     if fmt not in WRITE_FORMATS:
         raise UserError(f"unknown LoRA format {fmt!r}; valid: {', '.join(WRITE_FORMATS)}")
+    te = {k: v.clone().contiguous() for k, v in lora.te_state.items()}
     if fmt == "diffusers" or (fmt == "ai-toolkit" and lora.family == "flux1"):
         # clone: parts read from a fused LoRA share their A, which a safetensors file cannot hold twice
-        return {k: v.clone().contiguous() for k, v in lora.state.items()}
+        return {**{k: v.clone().contiguous() for k, v in lora.state.items()}, **te}
     fused = to_bfl(lora.state, lora.family)
-    out = {}
+    out = dict(te)
     for module, (a, b) in fused.items():
         if fmt == "kohya":
             name = "lora_unet_" + module.replace(".", "_")
@@ -295,6 +303,29 @@ def parse_spec(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def apply_text_encoder(pipe, specs: list[tuple[str, float]], name: str, encoder) -> None:
+    """Inject the LoRAs' text-encoder parts (if any) into a freshly loaded encoder, scales baked into B."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    active = []
+    for n, (path, scale) in enumerate(specs):
+        part = {k[len(name) + 1:]: v for k, v in read(path).te_state.items() if k.split(".", 1)[0] == name}
+        if not part:
+            continue
+        adapter = f"lora{n}"
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in part})
+        rank = max(v.shape[0] for k, v in part.items() if ".lora_A." in k)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules), encoder,
+                                adapter_name=adapter)
+        scaled = {k: (v * scale if ".lora_B." in k else v).to(encoder.dtype) for k, v in part.items()}
+        set_peft_model_state_dict(encoder, scaled, adapter_name=adapter)
+        active.append(adapter)
+    for m in encoder.modules():
+        if active and isinstance(m, LoraLayer):
+            m.set_adapter(active)
 
 
 def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False, transformer=None) -> list[str]:

@@ -97,7 +97,8 @@ class Pipeline:
 
         new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if new:
-            cond = self.family.encode(new, self.device)
+            with torch.no_grad():
+                cond = self.family.encode(new, self.device)
             for i, p in enumerate(new):
                 self._prompt_cache[p] = cond.select([i])
         parts = [self._prompt_cache[p] for p in prompts]
@@ -569,6 +570,11 @@ def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str
                                 f"model")
         components.after_load.setdefault("transformer", []).append(
             lambda t: apply_loras(pipe, specs, fuse=fuse_lora, transformer=t))
+        from .lora import apply_text_encoder
+
+        for name in ("text_encoder", "text_encoder_2"):
+            components.after_load.setdefault(name, []).append(
+                lambda m, name=name: apply_text_encoder(pipe, specs, name, m))
         pipe.loras = [{"file": Path(p).name, "path": str(Path(p).resolve()), "scale": s} for p, s in specs]
     if compute not in ("auto", "native"):
         raise UserError(f"unknown compute mode {compute!r}; valid: auto, native")

@@ -51,8 +51,6 @@ class Trainer:
         p = self.p
         if not p.train.train_unet:
             raise UserError("train.train_unet is false and fluxlab trains the transformer only: nothing to train")
-        if p.train.train_text_encoder:
-            self.notify("train_text_encoder: true is not supported yet; training the transformer's LoRA only")
         self.items, self.item_dataset = [], []  # each item, and the dataset settings it came with
         for d in p.datasets:
             found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
@@ -110,7 +108,10 @@ class Trainer:
         return ", ".join(head + rest)
 
     def _cache_text(self) -> None:
-        """Encode every caption (and sample prompt) once, then release the text encoder."""
+        """Encode every caption (and sample prompt) once, then release the text encoder. When the text encoder
+        trains too, captions are encoded at every step instead (with gradients) and the encoder stays."""
+        if self.p.train.train_text_encoder:
+            return
         prompts = self._captions()
         if self.p.sample:
             prompts += [self._trigger(x) for x in self.p.sample.prompts] + [self.p.sample.neg]
@@ -180,9 +181,32 @@ class Trainer:
         if self.p.train.gradient_checkpointing and hasattr(t, "enable_gradient_checkpointing"):
             t.enable_gradient_checkpointing()
         t.train()
+        if self.p.train.train_text_encoder:
+            self._add_text_encoder_lora()
         self.optimizer = self._optimizer(list(self.params.values()))
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if self.p.train.ema_config.use_ema \
             else None
+
+    def _add_text_encoder_lora(self) -> None:
+        """LoRA on every Linear of the text encoder(s) too; their parameters are named text_encoder.* (and
+        text_encoder_2.* for FLUX.1's T5)."""
+        from peft import LoraConfig
+
+        torch = self.torch
+        for name in ("text_encoder", "text_encoder_2"):
+            te = getattr(self.pipe.components, name)
+            if te is None:
+                continue
+            targets = sorted({n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear)})
+            te.add_adapter(LoraConfig(r=self.p.network.linear, lora_alpha=self.p.network.linear_alpha,
+                                      target_modules=targets, init_lora_weights=True))
+            te.requires_grad_(False)
+            for n, param in te.named_parameters():
+                if "lora_" in n:
+                    param.data = param.data.float()
+                    param.requires_grad_(True)
+                    self.params[f"{name}.{n}"] = param
+            te.train()
 
     def _optimizer(self, params):
         torch = self.torch
@@ -252,8 +276,11 @@ class Trainer:
             if torch.rand(1, generator=gen).item() < d.caption_dropout_rate:
                 cap = ""
             captions.append(cap)
-        with torch.no_grad():
-            cond = pipe.encode_prompts(captions)
+        if self.p.train.train_text_encoder:
+            cond = pipe.family.encode(captions, pipe.device)  # with gradients into the encoder's LoRA
+        else:
+            with torch.no_grad():
+                cond = pipe.encode_prompts(captions)
         t = self._timesteps(len(ids), x0.shape[1], gen).to(pipe.device)
         noise = torch.randn(x0.shape, generator=gen).to(pipe.device)
         tt = t.view(-1, 1, 1)
@@ -315,8 +342,10 @@ class Trainer:
         src = self.ema if (ema and self.ema is not None) else {n: p.detach() for n, p in self.params.items()}
         out = {}
         for n, v in src.items():
-            # peft names: <module>.lora_A.default.weight -> transformer.<module>.lora_A.weight
-            out["transformer." + n.replace(".default.", ".")] = v.detach().float().cpu()
+            # peft names: <module>.lora_A.default.weight -> transformer.<module>.lora_A.weight (text encoder
+            # parameters already carry their text_encoder.* prefix)
+            key = n.replace(".default.", ".")
+            out[key if key.startswith("text_encoder") else "transformer." + key] = v.detach().float().cpu()
         return out
 
     def save(self, step: int, gen) -> None:
@@ -327,7 +356,9 @@ class Trainer:
         name = self.job.config.name
         dtype = getattr(self.torch, DTYPES[self.p.save.dtype])
         state = {k: v.to(dtype) for k, v in self.lora_state().items()}
-        lo = L.Lora("", "diffusers", self.pipe.spec.family, state)
+        te = {k: v for k, v in state.items() if not k.startswith("transformer.")}
+        lo = L.Lora("", "diffusers", self.pipe.spec.family, {k: v for k, v in state.items() if k not in te},
+                    te_state=te)
         meta = {"fluxlab.config": json.dumps(self.job.model_dump()), "fluxlab.base_model": self.pipe.label,
                 "fluxlab.trigger_word": self.p.trigger_word or "", "fluxlab.step": str(step),
                 "fluxlab.world_size": str(self.world),
@@ -419,6 +450,8 @@ class Trainer:
         t = self.pipe.components.transformer
         t.eval()
         pipe = self._sampling_pipeline()
+        if self.p.train.train_text_encoder:
+            pipe._prompt_cache.clear()  # the encoder has changed since the last samples
         folder = self.run_dir / "samples"
         try:
             for k, prompt in enumerate(s.prompts):
@@ -447,7 +480,8 @@ class Trainer:
         t = self._sampler.components.transformer
         if "train" in getattr(t, "peft_config", {}):
             t.delete_adapters("train")
-        state = {k.removeprefix("transformer."): v.to(self._sampler.dtype) for k, v in self.lora_state().items()}
+        state = {k.removeprefix("transformer."): v.to(self._sampler.dtype) for k, v in self.lora_state().items()
+                 if k.startswith("transformer.")}
         t.load_lora_adapter(state, adapter_name="train", prefix=None)
         return self._sampler
 

@@ -24,7 +24,6 @@ class Flux1:
         self.latent_channels = c.config("vae").latent_channels  # before the 2x2 packing
         self.guidance_embeds = bool(c.config("transformer").guidance_embeds)
 
-    @torch.no_grad()
     def encode(self, prompts: list[str], device) -> Conditioning:
         clip, t5 = self.c.text_encoder, self.c.text_encoder_2
         ids = self.c.tokenizer(prompts, padding="max_length", max_length=self.c.tokenizer.model_max_length,

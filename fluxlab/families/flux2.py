@@ -67,7 +67,6 @@ class Flux2:
             masks.append(t["attention_mask"])
         return torch.cat(ids), torch.cat(masks)
 
-    @torch.no_grad()
     def encode(self, prompts: list[str], device) -> Conditioning:
         input_ids, mask = self._tokenize(prompts)
         te = self.c.text_encoder
