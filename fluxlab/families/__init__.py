@@ -42,6 +42,26 @@ class References:
     cache: Any = None
 
 
+class Family:
+    """What both adapters share: the token grid and the per-image noise. Subclasses set `vae_scale` and
+    `latent_channels` and define `noise_shape` (the VAE-latent noise of one image) and `pack` (to tokens)."""
+
+    vae_scale: int
+    latent_channels: int
+
+    def latent_grid(self, width: int, height: int) -> tuple[int, int]:
+        """Token rows and columns: one token per 2x2 patch of VAE latents (16 px with the 8x VAE)."""
+        m = self.vae_scale * 2
+        return height // m, width // m
+
+    def noise(self, generators, width: int, height: int, dtype):
+        """Per-image noise from CPU generators (the same image on every device), packed to tokens."""
+        import torch
+
+        shape = self.noise_shape(width, height)
+        return self.pack(torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]))
+
+
 def get_family(name: str):
     from . import flux1, flux2
 

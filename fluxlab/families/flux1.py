@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from . import Conditioning
+from . import Conditioning, Family
 
 
-class Flux1:
+class Flux1(Family):
     family = "flux1"
 
     def __init__(self, c, max_sequence_length: int = 512, layers=None):
@@ -35,18 +35,10 @@ class Flux1:
         txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=clip.dtype)
         return Conditioning(embeds, txt_ids, pooled)
 
-    def latent_grid(self, width: int, height: int) -> tuple[int, int]:
-        m = self.vae_scale * 2
-        return height // m, width // m
-
-    def noise(self, generators, width: int, height: int, dtype):
+    def noise_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """Noise is drawn in VAE-latent space (16 channels at H/8 x W/8), then packed 2x2."""
         h, w = self.latent_grid(width, height)
-        x = torch.cat([
-            torch.randn((1, self.latent_channels, 2 * h, 2 * w), generator=g,
-                        dtype=dtype)
-            for g in generators
-        ])
-        return self.pack(x)
+        return (self.latent_channels, 2 * h, 2 * w)
 
     def pack(self, x):
         """b c (h ph) (w pw) -> b (h w) (c ph pw)."""

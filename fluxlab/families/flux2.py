@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..catalog import text_encoder_layers
-from . import Conditioning, References
+from . import Conditioning, Family, References
 
 # FLUX.2 [dev]'s system message for Mistral (BFL flux2 text_encoder.py, also in diffusers' system_messages).
 # The line break after "object" is part of the reference text (and so of the tokens the model was trained on).
@@ -23,7 +23,7 @@ MISTRAL_SYSTEM_MESSAGE = (
 )
 
 
-class Flux2:
+class Flux2(Family):
     family = "flux2"
 
     def __init__(self, c, max_sequence_length: int = 512, layers: tuple[int, ...] | None = None):
@@ -80,20 +80,9 @@ class Flux2:
         return Conditioning(embeds, ids.to(device))
 
     # -- latents ------------------------------------------------------------------------------------
-    def latent_grid(self, width: int, height: int) -> tuple[int, int]:
-        """Token rows and columns for an image: one token per 2x2 patch of VAE latents."""
-        m = self.vae_scale * 2
-        return height // m, width // m
-
-    def noise(self, generators, width: int, height: int, dtype):
-        """Per-seed noise from CPU generators (the same image on every device), packed to tokens."""
-        h, w = self.latent_grid(width, height)
-        x = torch.cat([
-            torch.randn((1, self.latent_channels, h, w), generator=g,
-                        dtype=dtype)
-            for g in generators
-        ])
-        return x.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
+    def noise_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """Noise is drawn directly in the patchified 128-channel space, one value per token channel."""
+        return (self.latent_channels, *self.latent_grid(width, height))
 
     def image_ids(self, batch: int, width: int, height: int, device):
         h, w = self.latent_grid(width, height)
