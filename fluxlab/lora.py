@@ -305,14 +305,14 @@ def parse_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def apply_text_encoder(pipe, specs: list[tuple[str, float]], name: str, encoder) -> None:
+def apply_text_encoder(loras: list[tuple[Lora, float]], name: str, encoder) -> None:
     """Inject the LoRAs' text-encoder parts (if any) into a freshly loaded encoder, scales baked into B."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
     active = []
-    for n, (path, scale) in enumerate(specs):
-        part = {k[len(name) + 1:]: v for k, v in read(path).te_state.items() if k.split(".", 1)[0] == name}
+    for n, (lora, scale) in enumerate(loras):
+        part = {k[len(name) + 1:]: v for k, v in lora.te_state.items() if k.split(".", 1)[0] == name}
         if not part:
             continue
         adapter = f"lora{n}"
@@ -328,13 +328,9 @@ def apply_text_encoder(pipe, specs: list[tuple[str, float]], name: str, encoder)
             m.set_adapter(active)
 
 
-def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False, transformer=None) -> list[str]:
-    """Load LoRAs into the pipeline's transformer, stacked with their scales; with `fuse`, merge them into the
-    weights (faster steps, no adapter layers left). Returns the adapter names."""
-    loras = [(read(path), scale) for path, scale in specs]
-    for lora, _ in loras:
-        if lora.family != pipe.spec.family:
-            raise UserError(f"{lora.path} is a {lora.family} LoRA; {pipe.label} is a {pipe.spec.family} model")
+def apply(pipe, loras: list[tuple[Lora, float]], fuse: bool = False, transformer=None) -> list[str]:
+    """Load read LoRAs into the pipeline's transformer, stacked with their scales; with `fuse`, merge them into
+    the weights (faster steps, no adapter layers left). Returns the adapter names."""
     transformer = transformer if transformer is not None else pipe.components.transformer
     names = []
     for n, (lora, _) in enumerate(loras):
@@ -349,7 +345,5 @@ def apply(pipe, specs: list[tuple[str, float]], fuse: bool = False, transformer=
     if fuse:
         transformer.fuse_lora(adapter_names=names)
         transformer.unload_lora()
-    pipe.loras = [{"file": Path(lo.path).name, "path": str(Path(lo.path).resolve()), "scale": s,
-                   "format": lo.format} for lo, s in loras]
     return names
 

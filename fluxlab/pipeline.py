@@ -78,7 +78,7 @@ class Pipeline:
         self.plan = None
         self.quantized: str | None = None
         self.upcast = False  # bf16 weights computed in fp32 (see devices.upcast_linears)
-        self.loras: list[dict] = []  # applied LoRA files with their scales (lora.apply)
+        self.loras: list[dict] = []  # applied LoRA files with their scales (recorded in the metadata)
         if spec.kv_references:
             components.after_load.setdefault("transformer", []).append(self.family.use_kv_processors)
         self.encode_seconds = 0.0
@@ -559,23 +559,21 @@ def load(model: str, device: str = "auto", dtype: str = "auto", transformer: str
         pipe.quantized = quantize
     if loras:
         from .lora import apply as apply_loras
-        from .lora import parse_spec
+        from .lora import apply_text_encoder, parse_spec, read
 
+        # Read and checked now (a wrong file fails before any weights load), applied as each model loads.
         specs = [parse_spec(x) if isinstance(x, str) else tuple(x) for x in loras]
-        for path, _ in specs:  # checked now, applied when the transformer loads
-            from .lora import read
-
-            if read(path).family != source.spec.family:
-                raise UserError(f"{path} is a {read(path).family} LoRA; {source.label} is a {source.spec.family} "
-                                f"model")
+        read_loras = [(read(path), scale) for path, scale in specs]
+        for lo, _ in read_loras:
+            if lo.family != source.spec.family:
+                raise UserError(f"{lo.path} is a {lo.family} LoRA; {source.label} is a {source.spec.family} model")
         components.after_load.setdefault("transformer", []).append(
-            lambda t: apply_loras(pipe, specs, fuse=fuse_lora, transformer=t))
-        from .lora import apply_text_encoder
-
+            lambda t: apply_loras(pipe, read_loras, fuse=fuse_lora, transformer=t))
         for name in ("text_encoder", "text_encoder_2"):
             components.after_load.setdefault(name, []).append(
-                lambda m, name=name: apply_text_encoder(pipe, specs, name, m))
-        pipe.loras = [{"file": Path(p).name, "path": str(Path(p).resolve()), "scale": s} for p, s in specs]
+                lambda m, name=name: apply_text_encoder(read_loras, name, m))
+        pipe.loras = [{"file": Path(lo.path).name, "path": str(Path(lo.path).resolve()), "scale": s,
+                       "format": lo.format} for lo, s in read_loras]
     if compute not in ("auto", "native"):
         raise UserError(f"unknown compute mode {compute!r}; valid: auto, native")
     if compute == "auto" and dev.type == "cpu" and dt == torch.bfloat16 and not cpu_has_fast_bf16():
