@@ -136,10 +136,12 @@ class Trainer:
         torch, pipe = self.torch, self.pipe
         cache_dir = Path(self.p.training_folder) / "latent_cache"
         proc = VaeImageProcessor(vae_scale_factor=pipe.family.vae_scale * 2)
-        self.latents = {}
-        for it in self.items:
-            digest = hashlib.sha256(it.path.read_bytes()).hexdigest()[:32]
-            key = f"{digest}_{it.width}x{it.height}"
+        self.latents, self.keys, digests = {}, [], {}
+        for it, dataset in zip(self.items, self.item_dataset, strict=True):
+            if it.path not in digests:  # an image is listed once per resolution: hash its bytes once
+                digests[it.path] = hashlib.sha256(it.path.read_bytes()).hexdigest()[:32]
+            key = f"{digests[it.path]}_{it.width}x{it.height}"
+            self.keys.append(key)
             if key in self.latents:
                 continue
             f = cache_dir / f"{key}_{pipe.spec.family}.safetensors"
@@ -153,13 +155,8 @@ class Trainer:
                 z = pipe.family.encode_image(pixels.to(pipe.device, pipe.dtype), torch.Generator().manual_seed(0))
             tokens = pipe.family.pack(z).float().cpu().contiguous()
             self.latents[key] = tokens
-            if self.datasets_cache_to_disk() and self.rank == 0:
+            if dataset.cache_latents_to_disk and self.rank == 0:
                 atomic_write(f, lambda tmp, t=tokens: save_file({"latents": t}, str(tmp)))
-        self.keys = [f"{hashlib.sha256(it.path.read_bytes()).hexdigest()[:32]}_{it.width}x{it.height}"
-                     for it in self.items]
-
-    def datasets_cache_to_disk(self) -> bool:
-        return any(d.cache_latents_to_disk for d in self.p.datasets)
 
     def _add_lora(self) -> None:
         from peft import LoraConfig
