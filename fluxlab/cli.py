@@ -179,7 +179,6 @@ def generate(
                 else:
                     out.print(f"wrote {p}  (seed {res.seed}, {job.width}x{job.height}, {job.steps} steps)")
     summary = _summary(rows, peak, pipe)
-    summary["phases_s"]["encode"] = round(pipe.encode_seconds, 4)
     if not quiet:
         _print_summary(summary)
     if report:
@@ -301,10 +300,11 @@ def _summary(rows, peak, pipe) -> dict:
     for r in rows:
         if r["batch"] not in seen_batches:  # images of one batch share the batch's phase times
             seen_batches.add(r["batch"])
-            for k in ("encode", "prepare", "denoise", "decode"):
+            for k in ("prepare", "denoise", "decode"):
                 total[k] += r.get(k) or 0.0
         total["save"] += r["save"]
-    total["load"] = round(pipe.load_seconds, 4)
+    # Loading is lazy and prompts are encoded up front (encode_jobs): the pipeline keeps both totals.
+    total["load"], total["encode"] = pipe.load_seconds, pipe.encode_seconds
     return {
         "images": len(rows),
         "phases_s": {k: round(v, 4) for k, v in total.items()},
