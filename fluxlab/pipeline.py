@@ -401,8 +401,9 @@ class Pipeline:
 
         wanted = batch_size or min(len(job.seeds), 16)
         if self.budget is None and self.device.type != "cuda":
-            return self.plan if self.plan and self.plan.batch_size == (batch_size or 1) else \
-                Plan("resident", batch_size or 1, False, None, 0, 0, True)
+            # Nothing to plan against: keep the placement in force (resident unless set_plan chose one).
+            placed = self.plan or Plan("resident", 1, False, None, 0, 0, True)
+            return dataclasses.replace(placed, batch_size=batch_size or 1)
         from .executor import device_budget
 
         budget = self.budget if self.budget is not None else device_budget(self.device) + self._placed_bytes()
