@@ -6,6 +6,8 @@
 * Zips are extracted with every member checked: no absolute paths, no `..`, no links, and a cap on the total
   uncompressed size and on the compression ratio (zip bombs).
 * Unreadable images are listed once, up front, and skipped.
+* `control_path` (edit training, as ai-toolkit's): a folder holding, under the same file names, the reference
+  image each training image was made from; the model learns to produce the image from its reference + caption.
 * Each resolution r puts every image in the bucket of about r x r pixels closest to its aspect ratio
   (sides multiples of 16), so several resolutions train the model at several sizes.
 """
@@ -33,6 +35,7 @@ class Item:
     width: int  # bucket size the image is trained at
     height: int
     repeats: int
+    control: Path | None = None  # the reference image (edit training)
 
 
 def safe_extract(archive: Path, dest: Path) -> Path:
@@ -70,7 +73,7 @@ def bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 
 def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions: list[int], notify=print,
-         workdir: Path | None = None) -> list[Item]:
+         workdir: Path | None = None, control: str | Path | None = None) -> list[Item]:
     """The dataset's items: images with captions, repeats and buckets. A zip is extracted into workdir."""
     from PIL import Image
 
@@ -86,6 +89,9 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
     if m:
         repeats = int(m.group(1))
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if control is not None:  # a control folder kept inside the dataset holds references, not training images
+        ctl = Path(control).expanduser().resolve()
+        files = [f for f in files if not f.resolve().is_relative_to(ctl)]
     items, bad, uncaptioned = [], [], 0
     for f in files:
         try:
@@ -104,9 +110,10 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
             uncaptioned += 1
         if trigger:
             caption = caption.replace("[trigger]", trigger)
+        ref = _control_for(f, root, control) if control is not None else None
         for r in resolutions:
             bw, bh = bucket(w, h, r)
-            items.append(Item(f, caption, bw, bh, repeats))
+            items.append(Item(f, caption, bw, bh, repeats, ref))
     if bad:
         notify(f"skipping {len(bad)} unreadable image(s) in {folder}: {', '.join(bad[:5])}"
                + (" ..." if len(bad) > 5 else ""))
@@ -116,3 +123,16 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
     if not items:
         raise UserError(f"dataset {folder} has no readable images ({', '.join(sorted(IMAGE_EXTS))})")
     return items
+
+
+def _control_for(image: Path, root: Path, control: str | Path) -> Path:
+    """The control image with the same relative name (any image extension) as `image`."""
+    folder = Path(control).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"control_path {control} is not a folder")
+    rel = image.relative_to(root).with_suffix("")
+    for ext in sorted(IMAGE_EXTS):
+        cand = folder / rel.with_suffix(ext)
+        if cand.is_file():
+            return cand
+    raise UserError(f"no control image for {image.name} in {control} (expected {rel}.png/.jpg/.webp there)")

@@ -21,7 +21,9 @@ class Strict(BaseModel):
 
 
 class Network(Strict):
-    type: Literal["lora"] = "lora"
+    # "full": train every transformer weight (a full fine-tune, or from scratch when the model's transformer is
+    # freshly initialised, as the demo model's is); linear/linear_alpha are then unused.
+    type: Literal["lora", "full"] = "lora"
     linear: int = Field(32, ge=1, le=1024)  # rank
     linear_alpha: float = Field(32, gt=0)
 
@@ -34,6 +36,7 @@ class Save(Strict):
 
 class Dataset(Strict):
     folder_path: str
+    control_path: str | None = None  # reference images under the same names (edit training)
     caption_ext: str = "txt"
     caption_dropout_rate: float = Field(0.05, ge=0, le=1)
     shuffle_tokens: bool = False
@@ -69,6 +72,9 @@ class Train(Strict):
     noise_scheduler: Literal["flowmatch"] = "flowmatch"
     optimizer: Literal["adamw", "adamw8bit"] = "adamw8bit"
     lr: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0 to lr
+    max_grad_norm: float | None = Field(None, gt=0)  # clip the gradients' global norm
     ema_config: Ema = Ema()
     dtype: Literal["bf16", "fp16", "fp32", "float32", "bfloat16"] = "bf16"
     timestep_type: Literal["sigmoid", "uniform", "shift", "flux_shift"] = "sigmoid"
@@ -189,9 +195,13 @@ def load_yaml(path: str | Path) -> Job:
     return parse(data, str(path))
 
 
-def one_line(images: str, trigger: str, steps: int, model: str, name: str, out: str, resolution: int = 1024,
+def one_line(images: str, trigger: str, steps: int, model: str, name: str, out: str, resolution: int | None = None,
              rank: int = 32) -> Job:
     """The hosted-trainer flow (seed 003) with seed 004's recommended settings."""
+    if resolution is None:  # the model's own size (64 for the demo model), 1024 for models outside the catalog
+        from .catalog import CATALOG
+
+        resolution = max(CATALOG[model].default_size) if model in CATALOG else 1024
     return parse({
         "job": "extension",
         "config": {"name": name, "process": [{

@@ -1,4 +1,5 @@
-"""The LoRA trainer: flow-matching training of a FLUX transformer's LoRA from an ai-toolkit-style config.
+"""The trainer: flow-matching training of a FLUX transformer's LoRA (or, with network.type full, of all its
+weights) from an ai-toolkit-style config.
 
 Written here because the loop is where training tools differ (caching, timestep sampling, resume, what a
 run folder holds); the parts are the field's: peft adds the LoRA, diffusers provides the model, accelerate
@@ -10,7 +11,8 @@ resumed from its last save continues as if it had never stopped.
 
 Run folder (<training_folder>/<name>/):
     config.yaml          the resolved config
-    NAME_000340.safetensors, ..., NAME.safetensors    LoRA checkpoints (ai-toolkit key names)
+    NAME_000340.safetensors, ..., NAME.safetensors    LoRA checkpoints (ai-toolkit key names), or in full
+                         mode single-file transformers (diffusers key names)
     state/               the exact training state of the last checkpoint
     samples/             sample images every sample_every steps
     loss.csv, loss.png   the loss per step and its curve
@@ -38,6 +40,7 @@ class Trainer:
         self.run_dir = Path(self.p.training_folder) / job.config.name
         self.device_name = device or self.p.device
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.full = job.process.network.type == "full"
         if self.rank != 0:  # one voice per run
             self.notify = lambda m: None
 
@@ -54,7 +57,7 @@ class Trainer:
         self.items, self.item_dataset = [], []  # each item, and the dataset settings it came with
         for d in p.datasets:
             found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
-                         workdir=self.run_dir / "datasets")
+                         workdir=self.run_dir / "datasets", control=d.control_path)
             self.items += found
             self.item_dataset += [d] * len(found)
         if self.world > 1:
@@ -72,9 +75,14 @@ class Trainer:
         self.pipe = load(self.train_model(), device=device, dtype=dtype, notify=self.notify,
                          quantize="int8" if p.model.quantize else None, compute="native")
         self.torch = torch
+        if any(it.control is not None for it in self.items) and self.pipe.spec.family != "flux2":
+            raise UserError(f"control_path (edit training) needs a FLUX.2 model; {self.pipe.label} is FLUX.1")
         self._cache_text()
         self._cache_latents()
-        self._add_lora()
+        if self.full:
+            self._add_full()
+        else:
+            self._add_lora()
 
     def train_model(self) -> str:
         """klein: train on the base model (LoRAs trained on the distilled model are reported to give grey
@@ -136,27 +144,34 @@ class Trainer:
         torch, pipe = self.torch, self.pipe
         cache_dir = Path(self.p.training_folder) / "latent_cache"
         proc = VaeImageProcessor(vae_scale_factor=pipe.family.vae_scale * 2)
-        self.latents, self.keys, digests = {}, [], {}
-        for it, dataset in zip(self.items, self.item_dataset, strict=True):
-            if it.path not in digests:  # an image is listed once per resolution: hash its bytes once
-                digests[it.path] = hashlib.sha256(it.path.read_bytes()).hexdigest()[:32]
-            key = f"{digests[it.path]}_{it.width}x{it.height}"
-            self.keys.append(key)
+        self.latents, self.keys, self.control_keys, digests = {}, [], [], {}
+
+        def cached(path: Path, width: int, height: int, to_disk: bool) -> str:
+            if path not in digests:  # an image is listed once per resolution: hash its bytes once
+                digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+            key = f"{digests[path]}_{width}x{height}"
             if key in self.latents:
-                continue
+                return key
             f = cache_dir / f"{key}_{pipe.spec.family}.safetensors"
             if f.is_file():
                 self.latents[key] = load_file(str(f))["latents"]
-                continue
-            with Image.open(it.path) as im:
+                return key
+            with Image.open(path) as im:
                 img = im.convert("RGB")
-            pixels = proc.preprocess(img, height=it.height, width=it.width, resize_mode="crop")
+            pixels = proc.preprocess(img, height=height, width=width, resize_mode="crop")
             with torch.inference_mode():
                 z = pipe.family.encode_image(pixels.to(pipe.device, pipe.dtype), torch.Generator().manual_seed(0))
             tokens = pipe.family.pack(z).float().cpu().contiguous()
             self.latents[key] = tokens
-            if dataset.cache_latents_to_disk and self.rank == 0:
+            if to_disk and self.rank == 0:
                 atomic_write(f, lambda tmp, t=tokens: save_file({"latents": t}, str(tmp)))
+            return key
+
+        for it, dataset in zip(self.items, self.item_dataset, strict=True):
+            self.keys.append(cached(it.path, it.width, it.height, dataset.cache_latents_to_disk))
+            # A reference is encoded at its training image's bucket size.
+            self.control_keys.append(None if it.control is None else
+                                     cached(it.control, it.width, it.height, dataset.cache_latents_to_disk))
 
     def _add_lora(self) -> None:
         from peft import LoraConfig
@@ -183,6 +198,30 @@ class Trainer:
         self.optimizer = self._optimizer(list(self.params.values()))
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if self.p.train.ema_config.use_ema \
             else None
+
+    def _add_full(self) -> None:
+        """Every transformer weight trains (fp32 master weights); the text encoder stays frozen."""
+        if self.p.train.train_text_encoder:
+            raise UserError("network.type full trains the transformer only; set train.train_text_encoder: false")
+        t = self.pipe.components.transformer
+        t.float().requires_grad_(True)
+        self.params = dict(t.named_parameters())
+        if self.p.train.gradient_checkpointing and hasattr(t, "enable_gradient_checkpointing"):
+            t.enable_gradient_checkpointing()
+        t.train()
+        self.optimizer = self._optimizer(list(self.params.values()))
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if self.p.train.ema_config.use_ema \
+            else None
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): linear warm-up, then constant or cosine to 0."""
+        tr = self.p.train
+        if step < tr.lr_warmup_steps:
+            return tr.lr * (step + 1) / tr.lr_warmup_steps
+        if tr.lr_scheduler == "cosine":
+            done = (step - tr.lr_warmup_steps) / max(1, tr.steps - tr.lr_warmup_steps)
+            return tr.lr * 0.5 * (1 + math.cos(math.pi * done))
+        return tr.lr
 
     def _add_text_encoder_lora(self) -> None:
         """LoRA on every Linear of the text encoder(s) too; their parameters are named text_encoder.* (and
@@ -226,7 +265,7 @@ class Trainer:
         rng = random.Random(self.p.train.seed * 1_000_003 + epoch)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(self.items):
-            groups.setdefault((it.width, it.height), []).extend([i] * it.repeats)
+            groups.setdefault((it.width, it.height, it.control is not None), []).extend([i] * it.repeats)
         batches = []
         for key in sorted(groups):
             idx = groups[key]
@@ -285,7 +324,15 @@ class Trainer:
         it = self.items[ids[0]]
         img_ids = pipe.family.image_ids(len(ids), it.width, it.height, pipe.device)
         # Guidance-distilled models train at guidance 1 (sd-scripts' advice for FLUX.1 dev).
-        pred = pipe.family.velocity(x_t, (t * 1000).to(pipe.dtype), cond, img_ids, 1.0)
+        refs = None
+        if self.control_keys[ids[0]] is not None:  # edit training: the references follow the image tokens
+            from .families import References
+
+            ref = torch.cat([self.latents[self.control_keys[i]] for i in ids]).to(pipe.device, pipe.dtype)
+            h, w = pipe.family.latent_grid(it.width, it.height)
+            _, ref_ids = pipe.family.reference_tokens([ref[:1].transpose(1, 2).reshape(1, -1, h, w)])
+            refs = References(ref, ref_ids.to(pipe.device))
+        pred = pipe.family.velocity(x_t, (t * 1000).to(pipe.dtype), cond, img_ids, 1.0, refs=refs)
         return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -313,6 +360,11 @@ class Trainer:
                 for param in self.params.values():
                     self.dist.all_reduce(param.grad)
                     param.grad /= self.world
+            if p.train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), p.train.max_grad_norm)
+            lr = self.lr_at(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
@@ -321,7 +373,7 @@ class Trainer:
                     self.ema[n].mul_(d).add_(param.detach(), alpha=1 - d)
             if self.rank == 0:
                 with open(self.run_dir / "loss.csv", "a", newline="") as f:
-                    csv.writer(f).writerow([step + 1, f"{total:.6f}", p.train.lr, f"{time.perf_counter() - t0:.3f}"])
+                    csv.writer(f).writerow([step + 1, f"{total:.6f}", f"{lr:.6g}", f"{time.perf_counter() - t0:.3f}"])
             done = step + 1
             if done % p.save.save_every == 0 or done == p.train.steps:
                 self.save(done, gen)
@@ -335,8 +387,11 @@ class Trainer:
 
     # -- saving -------------------------------------------------------------------------------------
     def lora_state(self, ema: bool = True) -> dict:
-        """The LoRA as diffusers-named tensors (EMA weights when EMA is on)."""
+        """The LoRA as diffusers-named tensors (EMA weights when EMA is on); in full mode, the transformer's
+        weights under their own (diffusers) names."""
         src = self.ema if (ema and self.ema is not None) else {n: p.detach() for n, p in self.params.items()}
+        if self.full:
+            return {n: v.detach().float().cpu().contiguous() for n, v in src.items()}
         out = {}
         for n, v in src.items():
             # peft names: <module>.lora_A.default.weight -> transformer.<module>.lora_A.weight (text encoder
@@ -353,16 +408,23 @@ class Trainer:
         name = self.job.config.name
         dtype = getattr(self.torch, DTYPES[self.p.save.dtype])
         state = {k: v.to(dtype) for k, v in self.lora_state().items()}
-        te = {k: v for k, v in state.items() if not k.startswith("transformer.")}
-        lo = L.Lora("", "diffusers", self.pipe.spec.family, {k: v for k, v in state.items() if k not in te},
-                    te_state=te)
         meta = {"fluxlab.config": json.dumps(self.job.model_dump()), "fluxlab.base_model": self.pipe.label,
                 "fluxlab.trigger_word": self.p.trigger_word or "", "fluxlab.step": str(step),
                 "fluxlab.world_size": str(self.world),
                 "ss_output_name": name}
         final = step == self.p.train.steps
         target = self.run_dir / (f"{name}.safetensors" if final else f"{name}_{step:06d}.safetensors")
-        L.write(lo, "ai-toolkit", target, meta)
+        if self.full:  # a single-file transformer in diffusers names (--transformer FILE takes it)
+            from safetensors.torch import save_file
+
+            from .output import atomic_write
+
+            atomic_write(target, lambda tmp: save_file(state, str(tmp), metadata=meta))
+        else:
+            te = {k: v for k, v in state.items() if not k.startswith("transformer.")}
+            lo = L.Lora("", "diffusers", self.pipe.spec.family, {k: v for k, v in state.items() if k not in te},
+                        te_state=te)
+            L.write(lo, "ai-toolkit", target, meta)
         self._save_state(step, gen)
         saves = sorted(self.run_dir.glob(f"{name}_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
         for old in saves[:-self.p.save.max_step_saves_to_keep]:

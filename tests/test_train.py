@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -246,3 +247,23 @@ def test_text_encoder_lora_trains_and_loads(tiny_dirs, tmp_path, capsys):
     for fmt in L.WRITE_FORMATS:  # and survives conversion
         out = L.write(lo, fmt, tmp_path / f"{fmt}.safetensors")
         assert set(L.read(out).te_state) == set(lo.te_state)
+
+
+def test_learning_rate_schedule(tmp_path):
+    cfg = seed_004_config(tmp_path, "demo", steps=110, lr_scheduler="cosine", lr_warmup_steps=10)
+    t = Trainer(parse(cfg))
+    assert [t.lr_at(s) for s in (0, 4, 9)] == pytest.approx([1e-5, 5e-5, 1e-4])
+    assert t.lr_at(60) == pytest.approx(5e-5)  # half way through the cosine
+    assert t.lr_at(109) == pytest.approx(1e-4 * 0.5 * (1 + np.cos(np.pi * 99 / 100)))
+    cfg["config"]["process"][0]["train"]["lr_scheduler"] = "constant"
+    assert Trainer(parse(cfg)).lr_at(100) == pytest.approx(1e-4)
+
+
+def test_edit_training_needs_a_control_image_per_image(tiny_dirs, tmp_path, capsys):
+    cfg = seed_004_config(tmp_path, tiny_dirs["flux2-klein"])
+    (tmp_path / "controls").mkdir()
+    cfg["config"]["process"][0]["datasets"][0]["control_path"] = str(tmp_path / "controls")
+    path = tmp_path / "edit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "train", path)
+    assert code == 2 and "no control image for img0.png in" in err and len(err.strip().splitlines()) == 1, err
