@@ -43,6 +43,8 @@ class ModelSpec:
     # FLUX.1 Fill: inpainting by conditioning (masked image and mask as extra input channels) instead of by
     # re-imposing the known region; needs --init and --mask.
     fill: bool = False
+    # A model shipped inside the package (a path relative to fluxlab/), needing no download.
+    bundled: str = ""
 
     @property
     def distilled(self) -> bool:
@@ -147,6 +149,17 @@ CATALOG: dict[str, ModelSpec] = {
             license="flux-dev-non-commercial", gated=True,
             sizes_gb={"transformer": 23.8, "text_encoder": 9.77, "vae": 0.17},
             schedule="FLUX.1 linear mu, exponential shift", max_references=0, fill=True,
+        ),
+        ModelSpec(
+            name="demo",
+            repo="",
+            family="flux2",
+            description="bundled 64x64 shapes model (klein architecture, trained by fluxlab): offline, CPU, < 1 s",
+            steps=20, guidance=4.0, guidance_mode="cfg", max_sequence_length=24,
+            text_encoder="bundled Qwen3-architecture toy encoder", license="apache-2.0", gated=False,
+            sizes_gb={"transformer": 0.008, "text_encoder": 0.0007, "vae": 0.003},
+            schedule=_KLEIN_SCHEDULE, min_side=64, max_side=256, default_size=(64, 64), max_references=4,
+            bundled="demo/model",
         ),
         ModelSpec(
             name="flux1-kontext-dev",

@@ -345,11 +345,13 @@ def models(
     for spec in CATALOG.values():
         size = sum(spec.sizes_gb.values())
         have = cached.get(spec.repo)
+        if spec.bundled:  # shipped inside the package
+            have = sum(f.stat().st_size for f in (Path(__file__).parent / spec.bundled).rglob("*") if f.is_file())
         rows.append({
             "name": spec.name, "repo": spec.repo, "family": spec.family, "steps": spec.steps,
             "guidance": spec.guidance, "guidance_mode": spec.guidance_mode, "text_encoder": spec.text_encoder,
-            "license": spec.license, "gated": spec.gated, "size_gb": round(size, 1),
-            "cached_gb": None if have is None else round(have / 1e9, 2),
+            "license": spec.license, "gated": spec.gated, "size_gb": round(size, 3), "bundled": bool(spec.bundled),
+            "cached_gb": None if have is None else round(have / 1e9, 3),
         })
     if as_json:
         out.print_json(json.dumps(rows))
@@ -361,8 +363,11 @@ def models(
         g = {"none": "none (distilled)", "embedded": f"{r['guidance']:g} embedded", "cfg": f"{r['guidance']:g} CFG"}
         lic = r["license"] + (" (gated)" if r["gated"] else "")
         local = "-" if r["cached_gb"] is None else f"{r['cached_gb']:.1f} GB"
+        size = f"~{r['size_gb']:.0f} GB"
+        if r["bundled"]:
+            local, size = f"bundled ({r['cached_gb'] * 1000:.0f} MB)", f"{r['size_gb'] * 1000:.0f} MB"
         table.add_row(r["name"], r["family"], str(r["steps"]), g[r["guidance_mode"]], r["text_encoder"], lic,
-                      f"~{r['size_gb']:.0f} GB", local)
+                      size, local)
     out.print(table)
     out.print("Get one: hf download REPO (gated repos: accept the license on its page, then hf auth login).")
 
@@ -539,7 +544,8 @@ def train(
     model: Annotated[str, Opt("-m", "--model", help="One-line training: base model.")] = "flux2-klein-4b",
     name: Annotated[str, Opt(help="One-line training: run name.")] = "lora",
     out_dir: Annotated[str, Opt("--out", help="One-line training: training folder.")] = "output",
-    resolution: Annotated[int, Opt(help="One-line training: resolution.")] = 1024,
+    resolution: Annotated[int | None, Opt(help="One-line training: resolution (default: the model's size, "
+                                               "1024 for FLUX models).")] = None,
     resume: Annotated[str | None, Opt(help="Continue the run in this folder from its last checkpoint.")] = None,
     device: Annotated[str | None, Opt(help="Override the config's device.")] = None,
 ):

@@ -101,7 +101,12 @@ def _read_json(path: Path) -> dict:
 
 
 def derive_spec(path: Path, name: str | None = None) -> ModelSpec:
-    """A ModelSpec for a diffusers-format directory, from model_index.json and the component configs."""
+    """A ModelSpec for a diffusers-format directory, from model_index.json, the component configs and an
+    optional fluxlab.json of defaults."""
+    return _overrides(path, _derive_spec(path, name))
+
+
+def _derive_spec(path: Path, name: str | None = None) -> ModelSpec:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise UserError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
@@ -144,10 +149,34 @@ def derive_spec(path: Path, name: str | None = None) -> ModelSpec:
     raise UserError(f"{path} holds a {cls} pipeline, not a supported FLUX pipeline (supported: {supported})")
 
 
+# Defaults a pipeline directory may state for itself in fluxlab.json (the files say nothing of them).
+OVERRIDABLE = ("description", "steps", "guidance", "max_sequence_length", "min_side", "max_side", "default_size")
+
+
+def _overrides(path: Path, spec: ModelSpec) -> ModelSpec:
+    """Apply a directory's fluxlab.json (written by fluxlab for models it builds, such as the demo)."""
+    f = path / "fluxlab.json"
+    if not f.is_file():
+        return spec
+    data = _read_json(f)
+    unknown = sorted(set(data) - set(OVERRIDABLE))
+    if unknown:
+        raise UserError(f"{f}: unknown keys {', '.join(unknown)}; valid: {', '.join(OVERRIDABLE)}")
+    if "default_size" in data:
+        data["default_size"] = tuple(data["default_size"])
+    return replace(spec, **data)
+
+
 def locate(model: str) -> ModelSource:
     """Resolve a -m value: a catalog name, a local directory, or a hub repo id."""
     if model in CATALOG:
         spec = CATALOG[model]
+        if spec.bundled:
+            path = Path(__file__).parent / spec.bundled
+            if not (path / "model_index.json").is_file():
+                raise UserError(f"the bundled {spec.name} model is missing from this install ({path}); rebuild it "
+                                f"with: python -m fluxlab.demo.build")
+            return ModelSource(spec, path, spec.name)
         return ModelSource(spec, None, spec.name, repo=spec.repo)
     p = Path(model).expanduser()
     looks_like_path = model.startswith((".", "/", "~")) or p.exists() or (os.sep in model and not HUB_REPO.match(model))

@@ -36,7 +36,8 @@ def test_catalog_defaults():
     assert (c["flux2-dev"].guidance_mode, c["flux2-dev"].guidance) == ("embedded", 4.0)
     assert (c["flux1-schnell"].max_sequence_length, c["flux1-dev"].max_sequence_length) == (256, 512)
     assert c["flux1-dev"].gated and not c["flux1-schnell"].gated
-    assert all(m.sizes_gb["transformer"] > 1 for m in c.values())
+    assert all(m.sizes_gb["transformer"] > 1 for m in c.values() if not m.bundled)
+    assert c["demo"].bundled and (c["demo"].family, c["demo"].guidance_mode) == ("flux2", "cfg")
 
 
 def test_hub_repo_ids_and_paths_are_told_apart(tmp_path):
@@ -116,3 +117,23 @@ def test_lean_encoder_embeddings_equal_the_full_encoders(tiny_dirs, kind):
     n_full = sum(p.numel() for p in full.components.text_encoder.parameters())
     assert n_lean < n_full  # layers past 3L/4 and the LM head are never loaded
     assert not hasattr(lean.components.text_encoder, "lm_head")
+
+
+def test_bundled_model_missing_and_directory_defaults(tiny_dirs, tmp_path, monkeypatch):
+    import dataclasses
+    import json
+    import shutil
+
+    from fluxlab import catalog
+
+    monkeypatch.setitem(catalog.CATALOG, "demo", dataclasses.replace(CATALOG["demo"], bundled="demo/not-here"))
+    with pytest.raises(UserError, match=r"missing from this install .* python -m fluxlab\.demo\.build"):
+        locate("demo")
+    # fluxlab.json in a pipeline directory sets its defaults; unknown keys are named.
+    d = shutil.copytree(tiny_dirs["flux2-klein-base"], tmp_path / "m")
+    (d / "fluxlab.json").write_text(json.dumps({"steps": 7, "default_size": [64, 64], "max_sequence_length": 32}))
+    spec = locate(str(d)).spec
+    assert (spec.steps, spec.default_size, spec.max_sequence_length) == (7, (64, 64), 32)
+    (d / "fluxlab.json").write_text(json.dumps({"stepz": 7}))
+    with pytest.raises(UserError, match="unknown keys stepz; valid: description, steps"):
+        locate(str(d))
