@@ -92,7 +92,7 @@ def measure(pipe, seeds: int = 1) -> dict[str, Tally | float]:
     new = ring_scenes(40, 1, exclude=trained)
     with_trigger, without = Tally(), Tally()
     rings_with = rings_without = 0
-    prompts = [(TRIGGER and f"a {TRIGGER} in the center", None, "center")] + \
+    prompts = [(f"a {TRIGGER} in the center", None, "center")] + \
         [(caption(s), s.colour, s.position) for s in new]
     for i, (prompt, colour, position) in enumerate(prompts):
         for k in range(seeds):
