@@ -147,11 +147,17 @@ def build_text_encoder(s: Settings, vocab: int):
 
 
 # -- 4. VAE ----------------------------------------------------------------------------------------------------
-def vae_images(step: int, s: Settings):
-    """A deterministic training batch for the VAE: demo scenes and generic images, half and half, in [-1, 1]."""
+def to_tensor(images):
+    """PIL images -> a (B, 3, H, W) float tensor in [-1, 1]."""
     import numpy as np
     import torch
 
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def vae_images(step: int, s: Settings):
+    """A deterministic training batch for the VAE: demo scenes and generic images, half and half, in [-1, 1]."""
     train = list(data.scenes("train"))
     ims = []
     for j in range(s.vae_batch):
@@ -160,8 +166,7 @@ def vae_images(step: int, s: Settings):
             ims.append(data.render(train[(n * 7919) % len(train)], seed=s.seed * 1000 + n))
         else:
             ims.append(data.render_random(s.seed * 10_000_000 + n))
-    a = np.stack([np.asarray(im, dtype=np.float32) for im in ims]) / 127.5 - 1
-    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+    return to_tensor(ims)
 
 
 def train_vae(s: Settings, log=print):
@@ -226,8 +231,7 @@ def vae_check(vae) -> str:
     held = list(data.scenes("heldout"))
     rings = [data.Scene(s.colour, data.NEW_SHAPE, s.position, s.size, s.background) for s in held[::2]]
     scenes = held + rings
-    x = torch.from_numpy(np.stack([np.asarray(data.render(s, seed=77 + i), dtype=np.float32)
-                                   for i, s in enumerate(scenes)]) / 127.5 - 1).permute(0, 3, 1, 2)
+    x = to_tensor([data.render(s, seed=77 + i) for i, s in enumerate(scenes)])
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     shapes, ring = Tally(), Tally()
@@ -355,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=None, help="cache of intermediate stages "
                     "(default: ~/.cache/fluxlab/demo-build)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=None, help="transformer training steps (default 9000)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"transformer training steps (default {Settings.steps})")
     ap.add_argument("--quick", action="store_true", help="a smoke build: few images and steps")
     a = ap.parse_args(argv)
     s = Settings.quick() if a.quick else Settings()
