@@ -8,6 +8,8 @@
 * Unreadable images are listed once, up front, and skipped.
 * `control_path` (edit training, as ai-toolkit's): a folder holding, under the same file names, the reference
   image each training image was made from; the model learns to produce the image from its reference + caption.
+* `mask_path` (as ai-toolkit's): a folder of grey-scale images under the same file names weighting the loss
+  (white = full weight), to train on what matters in an image rather than on its background.
 * Each resolution r puts every image in the bucket of about r x r pixels closest to its aspect ratio
   (sides multiples of 16), so several resolutions train the model at several sizes.
 """
@@ -36,6 +38,7 @@ class Item:
     height: int
     repeats: int
     control: Path | None = None  # the reference image (edit training)
+    mask: Path | None = None  # the loss-weight image
 
 
 def safe_extract(archive: Path, dest: Path) -> Path:
@@ -73,7 +76,8 @@ def bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 
 def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions: list[int], notify=print,
-         workdir: Path | None = None, control: str | Path | None = None) -> list[Item]:
+         workdir: Path | None = None, control: str | Path | None = None,
+         mask: str | Path | None = None) -> list[Item]:
     """The dataset's items: images with captions, repeats and buckets. A zip is extracted into workdir."""
     from PIL import Image
 
@@ -89,9 +93,10 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
     if m:
         repeats = int(m.group(1))
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if control is not None:  # a control folder kept inside the dataset holds references, not training images
-        ctl = Path(control).expanduser().resolve()
-        files = [f for f in files if not f.resolve().is_relative_to(ctl)]
+    for side in (control, mask):  # a control or mask folder kept inside the dataset holds no training images
+        if side is not None:
+            folder_ = Path(side).expanduser().resolve()
+            files = [f for f in files if not f.resolve().is_relative_to(folder_)]
     items, bad, uncaptioned = [], [], 0
     for f in files:
         try:
@@ -110,10 +115,11 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
             uncaptioned += 1
         if trigger:
             caption = caption.replace("[trigger]", trigger)
-        ref = _control_for(f, root, control) if control is not None else None
+        ref = _companion(f, root, control, "control") if control is not None else None
+        weights = _companion(f, root, mask, "mask") if mask is not None else None
         for r in resolutions:
             bw, bh = bucket(w, h, r)
-            items.append(Item(f, caption, bw, bh, repeats, ref))
+            items.append(Item(f, caption, bw, bh, repeats, ref, weights))
     if bad:
         notify(f"skipping {len(bad)} unreadable image(s) in {folder}: {', '.join(bad[:5])}"
                + (" ..." if len(bad) > 5 else ""))
@@ -125,14 +131,14 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
     return items
 
 
-def _control_for(image: Path, root: Path, control: str | Path) -> Path:
-    """The control image with the same relative name (any image extension) as `image`."""
-    folder = Path(control).expanduser()
+def _companion(image: Path, root: Path, where: str | Path, kind: str) -> Path:
+    """The control or mask image with the same relative name (any image extension) as `image`."""
+    folder = Path(where).expanduser()
     if not folder.is_dir():
-        raise UserError(f"control_path {control} is not a folder")
+        raise UserError(f"{kind}_path {where} is not a folder")
     rel = image.relative_to(root).with_suffix("")
     for ext in sorted(IMAGE_EXTS):
         cand = folder / rel.with_suffix(ext)
         if cand.is_file():
             return cand
-    raise UserError(f"no control image for {image.name} in {control} (expected {rel}.png/.jpg/.webp there)")
+    raise UserError(f"no {kind} image for {image.name} in {where} (expected {rel}.png/.jpg/.webp there)")

@@ -37,6 +37,8 @@ class Save(Strict):
 class Dataset(Strict):
     folder_path: str
     control_path: str | None = None  # reference images under the same names (edit training)
+    mask_path: str | None = None  # loss weights under the same names: white trains fully, black by mask_min_value
+    mask_min_value: float = Field(0.0, ge=0, le=1)
     caption_ext: str = "txt"
     caption_dropout_rate: float = Field(0.05, ge=0, le=1)
     shuffle_tokens: bool = False

@@ -57,7 +57,7 @@ class Trainer:
         self.items, self.item_dataset = [], []  # each item, and the dataset settings it came with
         for d in p.datasets:
             found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
-                         workdir=self.run_dir / "datasets", control=d.control_path)
+                         workdir=self.run_dir / "datasets", control=d.control_path, mask=d.mask_path)
             self.items += found
             self.item_dataset += [d] * len(found)
         if self.world > 1:
@@ -145,6 +145,7 @@ class Trainer:
         cache_dir = Path(self.p.training_folder) / "latent_cache"
         proc = VaeImageProcessor(vae_scale_factor=pipe.family.vae_scale * 2)
         self.latents, self.keys, self.control_keys, digests = {}, [], [], {}
+        self.weights = {}  # item index -> (1, tokens, 1) loss weights, for datasets with a mask_path
 
         def cached(path: Path, width: int, height: int, to_disk: bool) -> str:
             if path not in digests:  # an image is listed once per resolution: hash its bytes once
@@ -167,11 +168,25 @@ class Trainer:
                 atomic_write(f, lambda tmp, t=tokens: save_file({"latents": t}, str(tmp)))
             return key
 
-        for it, dataset in zip(self.items, self.item_dataset, strict=True):
+        for i, (it, dataset) in enumerate(zip(self.items, self.item_dataset, strict=True)):
             self.keys.append(cached(it.path, it.width, it.height, dataset.cache_latents_to_disk))
+            if it.mask is not None:
+                self.weights[i] = self._mask_weights(it, dataset.mask_min_value)
             # A reference is encoded at its training image's bucket size.
             self.control_keys.append(None if it.control is None else
                                      cached(it.control, it.width, it.height, dataset.cache_latents_to_disk))
+
+    def _mask_weights(self, it, floor: float):
+        """Per-token loss weights from a mask image: cropped to the bucket as the image is, averaged over each
+        token's pixels, and lifted to at least `floor` (mask_min_value)."""
+        import numpy as np
+        from PIL import Image, ImageOps
+
+        h, w = self.pipe.family.latent_grid(it.width, it.height)
+        with Image.open(it.mask) as im:
+            m = ImageOps.fit(im.convert("L"), (it.width, it.height), Image.BILINEAR)
+        a = np.asarray(m, dtype=np.float32).reshape(h, it.height // h, w, it.width // w).mean(axis=(1, 3)) / 255
+        return self.torch.from_numpy(floor + (1 - floor) * a).reshape(1, h * w, 1)
 
     def _add_lora(self) -> None:
         from peft import LoraConfig
@@ -333,7 +348,11 @@ class Trainer:
             _, ref_ids = pipe.family.reference_tokens([ref[:1].transpose(1, 2).reshape(1, -1, h, w)])
             refs = References(ref, ref_ids.to(pipe.device))
         pred = pipe.family.velocity(x_t, (t * 1000).to(pipe.dtype), cond, img_ids, 1.0, refs=refs)
-        return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+        err = (pred.float() - (noise - x0).float()).pow(2)
+        if any(i in self.weights for i in ids):  # mask_path: weighted, normalised so the loss keeps its scale
+            weight = torch.cat([self.weights.get(i, torch.ones(1, err.shape[1], 1)) for i in ids]).to(err.device)
+            return (weight * err).mean() / weight.mean().clamp_min(1e-6)
+        return err.mean()
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self, resume: bool = False, stop_after: int | None = None) -> Path:

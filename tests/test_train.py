@@ -267,3 +267,45 @@ def test_edit_training_needs_a_control_image_per_image(tiny_dirs, tmp_path, caps
     path.write_text(yaml.safe_dump(cfg))
     code, _, err = run(capsys, "train", path)
     assert code == 2 and "no control image for img0.png in" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_mask_path_weights_the_loss_per_token(tiny_dirs, tmp_path, capsys):
+    """ai-toolkit's mask_path: white trains fully, black at mask_min_value; an all-white mask is no mask."""
+    def trainer(mask: str | None):
+        cfg = seed_004_config(tmp_path / (mask or "none"), tiny_dirs["flux2-klein"], dtype="fp32")
+        proc = cfg["config"]["process"][0]
+        proc["model"] = {"name_or_path": str(tiny_dirs["flux2-klein"])}
+        proc["datasets"] = proc["datasets"][:1]
+        proc["datasets"][0]["caption_dropout_rate"] = 0.0
+        if mask:
+            folder = tmp_path / f"{mask}-masks"
+            folder.mkdir()
+            for i in range(3):
+                im = Image.new("L", (64, 64), 255)
+                if mask == "left":
+                    ImageDraw.Draw(im).rectangle([32, 0, 63, 63], fill=0)
+                im.save(folder / f"img{i}.png")
+            proc["datasets"][0].update(mask_path=str(folder), mask_min_value=0.25)
+        t = Trainer(parse(cfg))
+        t.setup()
+        return t
+
+    plain, white, left = trainer(None), trainer("white"), trainer("left")
+    w = left.weights[0].reshape(left.pipe.family.latent_grid(64, 64))
+    assert torch.allclose(w[:, : w.shape[1] // 2], torch.tensor(1.0))
+    assert torch.allclose(w[:, w.shape[1] // 2:], torch.tensor(0.25))
+
+    def loss(t):
+        with torch.no_grad():
+            return t.loss(0, torch.Generator().manual_seed(3)).item()
+
+    assert loss(white) == pytest.approx(loss(plain), rel=1e-6)
+    assert abs(loss(left) - loss(plain)) > 1e-4 * loss(plain)
+    # A mask folder without an image's mask is one line naming it.
+    cfg = seed_004_config(tmp_path / "missing", tiny_dirs["flux2-klein"])
+    (tmp_path / "nomasks").mkdir()
+    cfg["config"]["process"][0]["datasets"][0]["mask_path"] = str(tmp_path / "nomasks")
+    path = tmp_path / "mask.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "train", path)
+    assert code == 2 and "no mask image for img0.png in" in err and len(err.strip().splitlines()) == 1, err
