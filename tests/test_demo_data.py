@@ -24,8 +24,10 @@ def test_captions_and_split():
 
 def test_renders_are_deterministic():
     s = Scene("green", "triangle", "bottom right", "large", "gray")
-    assert render(s, seed=3).tobytes() == render(s, seed=3).tobytes()
-    assert render(s, seed=3).tobytes() != render(s, seed=4).tobytes()
+    assert render(s, seed=3, wobble=0.08).tobytes() == render(s, seed=3, wobble=0.08).tobytes()
+    assert render(s, seed=3, wobble=0.08).tobytes() != render(s, seed=4, wobble=0.08).tobytes()
+    # Without a wobble every render of a scene is the same image: what the demo model is trained on.
+    assert render(s, seed=3).tobytes() == render(s, seed=4).tobytes()
 
 
 def test_evaluator_reads_ground_truth_renders():
@@ -35,13 +37,15 @@ def test_evaluator_reads_ground_truth_renders():
 
 
 def test_evaluator_holds_up_on_soft_edges_and_finds_rings():
-    """Generated images have soft edges: the evaluator must still read them (Gaussian blur of 1 px)."""
+    """Generated images have soft edges and shapes a little off their spot: the evaluator must still read them
+    (Gaussian blur of 1 px on shifted renders)."""
     soft, rings = Tally(), 0
     sample = list(scenes("heldout")) + list(scenes("train"))[::4]
+    blur = ImageFilter.GaussianBlur(1.0)
     for i, s in enumerate(sample):
-        soft.add(read(render(s, seed=i).filter(ImageFilter.GaussianBlur(1.0))), s.colour, s.shape, s.position)
+        soft.add(read(render(s, seed=i, wobble=0.08).filter(blur)), s.colour, s.shape, s.position)
         ring = Scene(s.colour, NEW_SHAPE, s.position, s.size, s.background)
-        rings += read(render(ring, seed=i).filter(ImageFilter.GaussianBlur(1.0))).shape == NEW_SHAPE
+        rings += read(render(ring, seed=i, wobble=0.08).filter(blur)).shape == NEW_SHAPE
     assert min(soft.rates().values()) >= 0.97, soft.rates()
     assert rings / len(sample) >= 0.97
     assert not any(read(render(s, seed=i)).shape == NEW_SHAPE for i, s in enumerate(sample))

@@ -83,16 +83,20 @@ def scenes(split: str = "train"):
             yield Scene(colour, shape, position, size, bg)
 
 
-def render(scene: Scene, side: int = 64, seed: int = 0, jitter: str | None = None):
-    """Draw a scene; a small seeded jitter of the centre keeps images of one scene from being identical.
-    Scenes drawn with the same `jitter` key sit at exactly the same spot (before/after pairs for editing)."""
+def render(scene: Scene, side: int = 64, seed: int = 0, jitter: str | None = None, wobble: float = 0.0):
+    """Draw a scene at its exact spot, or shifted by a seeded random offset of up to `wobble` grid cells.
+    Scenes drawn with the same `jitter` key are shifted alike (before/after pairs for editing).
+
+    The demo model is trained on exact spots (wobble 0): with a random shift, what a caption asks for is a
+    spread of images whose average is a blurred shape, and a model as small as the demo one learned that
+    average (soft squarish blocks) rather than the shapes. The VAE, a codec, is trained on shifted shapes."""
     from PIL import Image, ImageDraw
 
     rng = random.Random(jitter if jitter is not None else f"{scene}|{seed}")
     col, row = POSITIONS[scene.position]
     cell = side / 3
-    cx = (col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
-    cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+    cx = (col + 0.5) * cell + rng.uniform(-wobble, wobble) * cell
+    cy = (row + 0.5) * cell + rng.uniform(-wobble, wobble) * cell
     r = SIZES[scene.size] * side
     im = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     d = ImageDraw.Draw(im)
