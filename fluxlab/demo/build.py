@@ -1,6 +1,6 @@
 """Build the bundled demo model from nothing, deterministically by seed:
 
-    python -m fluxlab.demo.build            # ~50 min on 2 CPU cores; writes fluxlab/demo/model
+    python -m fluxlab.demo.build            # ~55 min on 2 CPU cores; writes fluxlab/demo/model
     python -m fluxlab.demo.build --quick    # a smoke build in seconds (same code path, few steps)
 
 The model is FLUX.2 [klein]'s architecture at toy size, so everything fluxlab does with klein works on it:
@@ -15,8 +15,9 @@ The model is FLUX.2 [klein]'s architecture at toy size, so everything fluxlab do
              polygons, ellipses and stripes (a codec should not know only three shapes); its batch-norm
              statistics are then measured on the training images, as the FLUX.2 VAE's are;
 5. transformer a Flux2Transformer2DModel trained from scratch by fluxlab's own trainer (network.type full,
-             flow matching, EMA), with caption dropout so classifier-free guidance works, on the scenes and on
-             before/after pairs (control_path) so that reference editing works as in klein.
+             flow matching, EMA), with caption dropout so classifier-free guidance works, on the scenes (each
+             drawn at its exact spot, with a loss mask that weighs the shape 5x the background: mask_path) and
+             on before/after pairs (control_path) so that reference editing works as in klein.
 
 The VAE loop is written here because diffusers ships no VAE trainer; everything else is fluxlab's or the
 libraries'. Each stage is cached in --work (keyed by its settings), so a rebuild after a change reruns only
@@ -43,8 +44,11 @@ DEFAULT_OUT = Path(__file__).parent / "model"
 class Settings:
     seed: int = 0
     renders: int = 3  # images per training scene
+    wobble: float = 0.0  # random shift of the training shapes, in grid cells (see data.render)
+    mask_floor: float = 0.2  # loss weight of the background (the shapes and their edges weigh 1); 1: no masks
     vae_steps: int = 3000
     vae_batch: int = 16
+    latent_channels: int = 16
     steps: int = 7000  # transformer steps
     batch: int = 32
     lr: float = 5e-4
@@ -84,7 +88,7 @@ def write_dataset(s: Settings, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for n, (scene, seed, caption) in enumerate(captioned(s)):
-        data.render(scene, seed=seed).save(folder / f"{n:05d}.png")
+        data.render(scene, seed=seed, wobble=s.wobble).save(folder / f"{n:05d}.png")
         (folder / f"{n:05d}.txt").write_text(caption + "\n")
     (folder / "DONE").write_text("")
     return folder
@@ -103,10 +107,30 @@ def write_edits(s: Settings, folder: Path) -> Path:
     for n, scene in enumerate(train):
         target = data.edited(scene, n)
         key = f"pair|{s.seed}|{n}"
-        data.render(scene, jitter=key).save(folder / "control" / f"{n:05d}.png")
-        data.render(target, jitter=key).save(folder / f"{n:05d}.png")
+        data.render(scene, jitter=key, wobble=s.wobble).save(folder / "control" / f"{n:05d}.png")
+        data.render(target, jitter=key, wobble=s.wobble).save(folder / f"{n:05d}.png")
         caption = target.caption if n % 3 == 0 else target.short_caption(("position", "background")[n % 3 - 1])
         (folder / f"{n:05d}.txt").write_text(caption + "\n")
+    (folder / "DONE").write_text("")
+    return folder
+
+
+def write_masks(images: Path, folder: Path) -> Path:
+    """Loss-weight masks (the trainer's mask_path) for the captioned images: white on the shape and 2 px around
+    it, black on the background. Most of a 64x64 scene is flat background that the model learns early; the
+    shape's outline is what tells a circle from a square, and unweighted it is a few percent of the loss."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    if (folder / "DONE").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for f in sorted(images.glob("*.png")):
+        a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+        bg = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
+        shape = Image.fromarray((np.abs(a - bg).max(-1) > 30).astype(np.uint8) * 255)
+        shape.filter(ImageFilter.MaxFilter(5)).save(folder / f.name)
     (folder / "DONE").write_text("")
     return folder
 
@@ -163,7 +187,7 @@ def vae_images(step: int, s: Settings):
     for j in range(s.vae_batch):
         n = step * s.vae_batch + j
         if j % 2 == 0:
-            ims.append(data.render(train[(n * 7919) % len(train)], seed=s.seed * 1000 + n))
+            ims.append(data.render(train[(n * 7919) % len(train)], seed=s.seed * 1000 + n, wobble=0.08))
         else:
             ims.append(data.render_random(s.seed * 10_000_000 + n))
     return to_tensor(ims)
@@ -183,7 +207,7 @@ def train_vae(s: Settings, log=print):
     # 4x down-sampling (FLUX.2's is 8x): at 64x64 a 16x16x16 latent, 8x8 tokens of 64 channels after the 2x2
     # patchify. An 8x VAE of this size reconstructed the shapes too poorly after the training a build can afford.
     vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                             block_out_channels=(16, 32, 64), latent_channels=16, layers_per_block=1,
+                             block_out_channels=(16, 32, 64), latent_channels=s.latent_channels, layers_per_block=1,
                              norm_num_groups=8, sample_size=64)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     vae.train()
@@ -243,6 +267,11 @@ def vae_check(vae) -> str:
 
 
 # -- 5. the pipeline with a fresh transformer ----------------------------------------------------------------
+def init_dir(s: Settings, work: Path) -> Path:
+    key = s.key("seed", "vae_steps", "vae_batch", "latent_channels", "heads", "double_blocks", "single_blocks")
+    return work / f"init-{key}"
+
+
 def build_init(s: Settings, work: Path, log=print) -> Path:
     """The demo pipeline with a trained VAE and a freshly initialised transformer (what training starts from)."""
     import torch
@@ -251,7 +280,7 @@ def build_init(s: Settings, work: Path, log=print) -> Path:
     from ..catalog import CATALOG
     from ..tiny import SHIFTED_SCHEDULER
 
-    path = work / f"init-{s.key('seed', 'vae_steps', 'vae_batch', 'heads', 'double_blocks', 'single_blocks')}"
+    path = init_dir(s, work)
     if (path / "model_index.json").is_file():
         return path
     tok = build_tokenizer(s)
@@ -284,14 +313,15 @@ def write_defaults(path: Path, spec) -> None:
 
 
 # -- 6. training ---------------------------------------------------------------------------------------------
-def train_config(s: Settings, init: Path, dataset: Path, edits: Path, out: Path) -> dict:
+def train_config(s: Settings, init: Path, dataset: Path, edits: Path, out: Path, masks: Path | None = None) -> dict:
     """The ai-toolkit-style config the demo transformer is trained with (also written to the run folder)."""
     return {"job": "extension", "config": {"name": "demo", "process": [{
         "type": "sd_trainer", "training_folder": str(out), "device": "cpu",
         "network": {"type": "full"},
         "save": {"dtype": "float32", "save_every": s.steps, "max_step_saves_to_keep": 1},
         "datasets": [{"folder_path": str(dataset), "caption_dropout_rate": 0.1, "resolution": [64],
-                      "cache_latents_to_disk": True},
+                      "cache_latents_to_disk": True,
+                      **({"mask_path": str(masks), "mask_min_value": s.mask_floor} if masks else {})},
                      {"folder_path": str(edits), "control_path": str(edits / "control"), "caption_dropout_rate": 0.1,
                       "resolution": [64], "cache_latents_to_disk": True}],
         "train": {"batch_size": s.batch, "steps": s.steps, "lr": s.lr, "optimizer": "adamw", "dtype": "fp32",
@@ -319,8 +349,19 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     work = Path(work or Path.home() / ".cache" / "fluxlab" / "demo-build")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    dataset = write_dataset(s, work / f"data-{s.key('seed', 'renders', 'scenes')}")
-    edits = write_edits(s, work / f"edits-{s.key('seed', 'scenes')}")
+    # Stages found in the cache are not rebuilt; BUILD.json says which, as their time is then not in its seconds.
+    dataset = work / f"data-{s.key('seed', 'renders', 'scenes', 'wobble')}"
+    masks = dataset.with_name(dataset.name.replace("data-", "masks-")) if s.mask_floor < 1 else None
+    edits = work / f"edits-{s.key('seed', 'scenes', 'wobble')}"
+    stages = {"data": dataset / "DONE", "edits": edits / "DONE",
+              "tokenizer, encoder and VAE": init_dir(s, work) / "model_index.json"}
+    if masks:
+        stages["masks"] = masks / "DONE"
+    reused = [name for name, done in stages.items() if done.is_file()]
+    write_dataset(s, dataset)
+    write_edits(s, edits)
+    if masks:
+        write_masks(dataset, masks)
     log(f"data: {len(list(dataset.glob('*.png')))} images in {dataset}, "
         f"{len(list(edits.glob('*.png')))} edit pairs in {edits}")
     init = build_init(s, work, log)
@@ -328,7 +369,7 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     log(f"tokenizer, encoder and VAE ready ({t1 - t0:.0f} s)")
     run_root = work / f"train-{s.key(*asdict(s))}"
     shutil.rmtree(run_root / "demo", ignore_errors=True)
-    trainer = Trainer(parse(train_config(s, init, dataset, edits, run_root), "demo build"), notify=log)
+    trainer = Trainer(parse(train_config(s, init, dataset, edits, run_root, masks), "demo build"), notify=log)
     trainer.setup()
     weights = trainer.train()
     t2 = time.perf_counter()
@@ -337,13 +378,15 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(init, tmp)
-    transformer = Flux2Transformer2DModel.from_pretrained(init / "transformer")
+    # from_config, not from_pretrained: the saved config then names no path on the build machine.
+    transformer = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(init / "transformer"))
     transformer.load_state_dict(load_file(str(weights)))
     shutil.rmtree(tmp / "transformer")
     transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
     (tmp / "BUILD.json").write_text(json.dumps({
         "settings": asdict(s), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "seconds": {"data_tokenizer_encoder_vae": round(t1 - t0), "transformer": round(t2 - t1)},
+        "reused_from_cache": reused,
     }, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -7,7 +7,7 @@ one change by describing the result without saying where it is ("a blue circle o
 colour or the shape changes, and the position and background should come from the input image. Three ways:
 
 * text only (no input image): the baseline; position and background can only match by chance;
-* img2img (--init, strength 0.7);
+* img2img (--init, strength 0.7 and 0.5);
 * reference edit (--image): klein's in-context editing, which the demo model learned from before/after pairs.
 
 Measured per case: the prompt's colour and shape are drawn; the position (3x3 cell) is the input's; the shape's
@@ -72,7 +72,7 @@ def measure(pipe, mode: str, count: int = 40, strength: float = 0.7, folder: Pat
                 fields.update(images=[str(init)])
             out = pipe.generate(**fields)[0].image
             if folder is not None:
-                out.save(folder / f"{mode}-{i:02d}.png")
+                out.save(folder / f"{mode}{strength if mode == 'img2img' else ''}-{i:02d}.png")
             r = read(out)
             (x0, bg0), (x1, bg1) = spot(image), spot(out)
             k.n += 1
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fluxlab.demo.edit", description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", default="demo")
     ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--strength", type=float, action="append", default=None,
+                    help="img2img strength (repeatable; default 0.7 and 0.5)")
     ap.add_argument("--save", type=Path, default=None, help="folder to keep the edited images in")
     a = ap.parse_args(argv)
     if a.save:
@@ -99,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     print("| edit | cases | prompt's colour and shape | position kept | moved < 4 px | background kept |"
           " median move (px) |")
     print("|---|---|---|---|---|---|---|")
-    for mode, label in (("text", "text only (baseline)"), ("img2img", "img2img, strength 0.7"),
-                        ("reference", "reference image")):
-        k = measure(pipe, mode, a.cases, folder=a.save)
+    runs = [("text", "text only (baseline)", 0.0)]
+    runs += [("img2img", f"img2img, strength {st:g}", st) for st in a.strength or (0.7, 0.5)]
+    runs += [("reference", "reference image", 0.0)]
+    for mode, label, strength in runs:
+        k = measure(pipe, mode, a.cases, strength=strength, folder=a.save)
         r = k.rates()
         print(f"| {label} | {k.n} | {r['asked']:.0%} | {r['position']:.0%} | {r['spot']:.0%} | "
               f"{r['background']:.0%} | {np.median(k.moved):.1f} |")

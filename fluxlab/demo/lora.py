@@ -5,7 +5,7 @@
 The demo model knows circles, squares and triangles. Twenty images of a ring (a disc with a hole), captioned
 with the made-up word "zxq" ("a red zxq in the top left on a white background"), train a LoRA through the
 same `fluxlab train CONFIG.yaml` a user runs (with twenty images of known scenes beside them, for prior
-preservation). Then, with the LoRA loaded:
+preservation, and loss masks on the shapes as the demo model was trained with). Then, with the LoRA loaded:
 
 * prompts with the trigger ("a zxq in the center", and zxq captions in colours, places and backgrounds absent
   from the twenty images) should draw rings (the evaluator reads the shape);
@@ -59,7 +59,7 @@ def write_regularisation(folder: Path, count: int = 20) -> None:
 
 
 def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, model: str = "demo",
-                 steps: int = 300) -> Path:
+                 steps: int = 300, masks: bool = True) -> Path:
     """An ai-toolkit-style config, as a user would write it for this model."""
     import yaml
 
@@ -67,7 +67,8 @@ def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, mod
         "type": "sd_trainer", "training_folder": str(out), "device": "cpu", "trigger_word": TRIGGER,
         "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
         "save": {"dtype": "float32", "save_every": steps, "max_step_saves_to_keep": 1},
-        "datasets": [{"folder_path": str(d), "caption_dropout_rate": 0.0, "resolution": [64]}
+        "datasets": [{"folder_path": str(d), "caption_dropout_rate": 0.0, "resolution": [64],
+                      **({"mask_path": str(d) + "-masks", "mask_min_value": 0.2} if masks else {})}
                      for d in (dataset, regularisation)],
         "train": {"batch_size": 4, "steps": steps, "lr": 2e-3, "optimizer": "adamw", "dtype": "fp32",
                   "gradient_checkpointing": False, "seed": 0},
@@ -79,15 +80,19 @@ def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, mod
 
 def train(out: Path, model: str = "demo", steps: int = 300) -> Path:
     """Train the LoRA with the CLI, in its own process; returns the LoRA file."""
+    from .build import write_masks
+
     write_dataset(out / "rings")
     write_regularisation(out / "plain")
+    for name in ("rings", "plain"):
+        write_masks(out / name, out / f"{name}-masks")
     cfg = write_config(out / "zxq.yaml", out / "rings", out / "plain", out / "runs", model, steps)
     subprocess.run([sys.executable, "-m", "fluxlab", "train", str(cfg)], check=True)
     return out / "runs" / "zxq" / "zxq.safetensors"
 
 
 def measure(pipe, seeds: int = 1) -> dict[str, Tally | float]:
-    """Star rates with and without the trigger, plus the usual adherence of both kinds of prompt."""
+    """Ring rates with and without the trigger, plus the usual adherence of both kinds of prompt."""
     trained = {(s.colour, s.position, s.size, s.background) for s in ring_scenes(20, 0)}
     new = ring_scenes(40, 1, exclude=trained)
     with_trigger, without = Tally(), Tally()
