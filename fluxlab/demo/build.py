@@ -122,14 +122,15 @@ def write_masks(images: Path, folder: Path) -> Path:
     import numpy as np
     from PIL import Image, ImageFilter
 
+    from .evaluate import background
+
     if (folder / "DONE").is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for f in sorted(images.glob("*.png")):
         a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
-        bg = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
-        shape = Image.fromarray((np.abs(a - bg).max(-1) > 30).astype(np.uint8) * 255)
+        shape = Image.fromarray((np.abs(a - background(a)).max(-1) > 30).astype(np.uint8) * 255)
         shape.filter(ImageFilter.MaxFilter(5)).save(folder / f.name)
     (folder / "DONE").write_text("")
     return folder
@@ -350,8 +351,9 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # Stages found in the cache are not rebuilt; BUILD.json says which, as their time is then not in its seconds.
-    dataset = work / f"data-{s.key('seed', 'renders', 'scenes', 'wobble')}"
-    masks = dataset.with_name(dataset.name.replace("data-", "masks-")) if s.mask_floor < 1 else None
+    key = s.key("seed", "renders", "scenes", "wobble")
+    dataset = work / f"data-{key}"
+    masks = work / f"masks-{key}" if s.mask_floor < 1 else None
     edits = work / f"edits-{s.key('seed', 'scenes', 'wobble')}"
     stages = {"data": dataset / "DONE", "edits": edits / "DONE",
               "tokenizer, encoder and VAE": init_dir(s, work) / "model_index.json"}

@@ -28,6 +28,11 @@ class Reading:
     position: str | None
 
 
+def background(a: np.ndarray) -> np.ndarray:
+    """The background colour of an (H, W, 3) image: the median of its border pixels."""
+    return np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
+
+
 def foreground(image):
     """(pixels, background colour, mask of the shape).
 
@@ -35,8 +40,7 @@ def foreground(image):
     nearer to the shape's colour than to the background's, which drops the pale halos a VAE leaves around
     shapes (they would make a circle look ragged)."""
     a = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    bg = np.median(border, axis=0)
+    bg = background(a)
     far = np.linalg.norm(a - bg, axis=2) > 60
     if not far.any():
         return a, bg, far

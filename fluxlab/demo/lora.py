@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from . import data
+from .build import Settings, write_masks
 from .evaluate import Tally, read
 
 TRIGGER = "zxq"
@@ -59,7 +60,7 @@ def write_regularisation(folder: Path, count: int = 20) -> None:
 
 
 def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, model: str = "demo",
-                 steps: int = 300, masks: bool = True) -> Path:
+                 steps: int = 300) -> Path:
     """An ai-toolkit-style config, as a user would write it for this model."""
     import yaml
 
@@ -68,7 +69,7 @@ def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, mod
         "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
         "save": {"dtype": "float32", "save_every": steps, "max_step_saves_to_keep": 1},
         "datasets": [{"folder_path": str(d), "caption_dropout_rate": 0.0, "resolution": [64],
-                      **({"mask_path": str(d) + "-masks", "mask_min_value": 0.2} if masks else {})}
+                      "mask_path": str(d) + "-masks", "mask_min_value": Settings.mask_floor}
                      for d in (dataset, regularisation)],
         "train": {"batch_size": 4, "steps": steps, "lr": 2e-3, "optimizer": "adamw", "dtype": "fp32",
                   "gradient_checkpointing": False, "seed": 0},
@@ -80,8 +81,6 @@ def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, mod
 
 def train(out: Path, model: str = "demo", steps: int = 300) -> Path:
     """Train the LoRA with the CLI, in its own process; returns the LoRA file."""
-    from .build import write_masks
-
     write_dataset(out / "rings")
     write_regularisation(out / "plain")
     for name in ("rings", "plain"):
