@@ -63,11 +63,12 @@ def test_matches_diffusers_on_the_demo_weights(demo):
 
 def test_held_out_prompt_adherence(demo):
     """Colour x shape x position combinations never seen in training. Colour and position meet the goals (90%,
-    80%; measured 100%). Shape does not yet (goal 80%, measured 69% on 2 seeds with 3 shapes, chance 33%): this
-    guards what the model does today against regressions, it does not claim the goal."""
+    80%; measured 100%). Shape measured 81% on this one seed (80.4% on the evaluator's two; goal 80%, chance
+    33%): the bound leaves room for a few images read differently on another CPU's kernels, and still fails
+    for any model as weak as the previous one (69%)."""
     r = adherence(demo, list(data.scenes("heldout"))).rates()
     assert r["colour"] >= 0.90 and r["position"] >= 0.80, r
-    assert r["shape"] >= 0.60, r
+    assert r["shape"] >= 0.75, r
 
 
 def test_lora_trains_on_the_demo_model_with_the_cli(demo, tmp_path):

@@ -51,7 +51,7 @@ class Settings:
     latent_channels: int = 16
     steps: int = 7000  # transformer steps
     batch: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3  # 5e-4 left the model under-trained: held-out shape 69% vs 80% (same steps)
     warmup: int = 300
     ema: float = 0.999
     heads: int = 4
