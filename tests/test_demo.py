@@ -87,9 +87,9 @@ def test_lora_trains_on_the_demo_model_with_the_cli(demo, tmp_path):
 
 def test_reference_edits_keep_the_unstated_position(demo):
     """The prompt leaves the position out: with the input as a reference the shape stays where it was far more
-    often than without it (measured 30% vs 12% on 40 cases; the goal, keeping it always, is not reached yet)."""
+    often than without it (measured 42% vs 8% on 40 cases; the goal, keeping it always, is not reached yet)."""
     text, ref = (edit.measure(demo, mode, count=40) for mode in ("text", "reference"))
-    assert ref.rates()["position"] >= text.rates()["position"] + 0.1, (ref.rates(), text.rates())
+    assert ref.rates()["position"] >= text.rates()["position"] + 0.2, (ref.rates(), text.rates())
     assert np.median(ref.moved) < np.median(text.moved)
 
 
@@ -112,3 +112,24 @@ def test_evaluator_reads_the_model_not_the_prompt(demo):
     a = read(demo.generate(prompt="a red circle in the center on a white background", seed=3)[0].image)
     b = read(demo.generate(prompt="a blue circle in the center on a white background", seed=3)[0].image)
     assert (a.colour, b.colour) == ("red", "blue")
+
+
+def test_loss_masks_cover_the_shape_its_hole_and_its_edge(tmp_path):
+    """The build's loss masks: white on the shape, on a ring's hole (part of the shape) and 2 px beyond the
+    outline; black on the rest of the background, also where a shape cut by the image's border splits it."""
+    from fluxlab.demo.build import write_masks
+
+    scenes = {"ring": data.Scene("red", "ring", "center", "large", "white"),
+              "corner": data.Scene("blue", "ring", "bottom right", "large", "black"),
+              "square": data.Scene("green", "square", "top left", "small", "gray")}
+    for name, s in scenes.items():
+        data.render(s).save(tmp_path / f"{name}.png")
+    masks = write_masks(tmp_path, tmp_path / "masks")
+    ring = np.asarray(Image.open(masks / "ring.png"))
+    assert ring[32, 32] == 255 and ring[32, 32 + 16] == 255  # the hole's centre, the ring's body
+    r = 1.1 * data.SIZES["large"] * 64  # outer radius
+    assert ring[32, int(32 + r + 1)] == 255 and ring[32, int(32 + r + 4)] == 0  # the 2 px edge, then background
+    assert ring[0, 0] == 0 and ring.mean() / 255 < 0.35
+    square = np.asarray(Image.open(masks / "square.png"))
+    assert square[10, 10] == 255 and square[40, 40] == 0
+    assert np.asarray(Image.open(masks / "corner.png"))[0, 0] == 0

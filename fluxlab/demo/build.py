@@ -116,11 +116,12 @@ def write_edits(s: Settings, folder: Path) -> Path:
 
 
 def write_masks(images: Path, folder: Path) -> Path:
-    """Loss-weight masks (the trainer's mask_path) for the captioned images: white on the shape and 2 px around
-    it, black on the background. Most of a 64x64 scene is flat background that the model learns early; the
-    shape's outline is what tells a circle from a square, and unweighted it is a few percent of the loss."""
+    """Loss-weight masks (the trainer's mask_path) for the captioned images: white on the shape, on any hole in
+    it (a ring's hole is part of what it is) and 2 px around it, black on the background. Most of a 64x64 scene
+    is flat background that the model learns early; the shape's outline is what tells a circle from a square,
+    and unweighted it is a few percent of the loss."""
     import numpy as np
-    from PIL import Image, ImageFilter
+    from PIL import Image, ImageDraw, ImageFilter
 
     from .evaluate import background
 
@@ -131,6 +132,13 @@ def write_masks(images: Path, folder: Path) -> Path:
     for f in sorted(images.glob("*.png")):
         a = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
         shape = Image.fromarray((np.abs(a - background(a)).max(-1) > 30).astype(np.uint8) * 255)
+        # Holes: background that cannot be reached from the image's border.
+        outside = shape.copy()
+        w, h = outside.size
+        for xy in [(x, y) for x in range(w) for y in (0, h - 1)] + [(x, y) for y in range(h) for x in (0, w - 1)]:
+            if outside.getpixel(xy) == 0:
+                ImageDraw.floodfill(outside, xy, 128)
+        shape = Image.fromarray(np.where(np.asarray(outside) == 128, 0, 255).astype(np.uint8))
         shape.filter(ImageFilter.MaxFilter(5)).save(folder / f.name)
     (folder / "DONE").write_text("")
     return folder

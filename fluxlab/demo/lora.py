@@ -1,6 +1,6 @@
 """The LoRA proof: teach the demo model a shape it has never seen, with `fluxlab train`, and measure it.
 
-    python -m fluxlab.demo.lora [--out DIR]
+    python -m fluxlab.demo.lora [--out DIR] [--model DIR] [--steps N --batch N --lr X]
 
 The demo model knows circles, squares and triangles. Twenty images of a ring (a disc with a hole), captioned
 with the made-up word "zxq" ("a red zxq in the top left on a white background"), train a LoRA through the
@@ -26,6 +26,9 @@ from .build import Settings, write_masks
 from .evaluate import Tally, read
 
 TRIGGER = "zxq"
+# Rings drawn for zxq prompts in unseen colours and places grew with the steps: 300 -> 2%, 1000 -> 20%,
+# 3000 -> 32-37% (about 6 min); still short of the 90% goal.
+STEPS, BATCH, LR = 3000, 4, 2e-3
 
 
 def ring_scenes(count: int, seed: int, exclude: set = frozenset()):
@@ -60,7 +63,7 @@ def write_regularisation(folder: Path, count: int = 20) -> None:
 
 
 def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, model: str = "demo",
-                 steps: int = 300) -> Path:
+                 steps: int = STEPS, batch: int = BATCH, lr: float = LR) -> Path:
     """An ai-toolkit-style config, as a user would write it for this model."""
     import yaml
 
@@ -71,7 +74,7 @@ def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, mod
         "datasets": [{"folder_path": str(d), "caption_dropout_rate": 0.0, "resolution": [64],
                       "mask_path": str(d) + "-masks", "mask_min_value": Settings.mask_floor}
                      for d in (dataset, regularisation)],
-        "train": {"batch_size": 4, "steps": steps, "lr": 2e-3, "optimizer": "adamw", "dtype": "fp32",
+        "train": {"batch_size": batch, "steps": steps, "lr": lr, "optimizer": "adamw", "dtype": "fp32",
                   "gradient_checkpointing": False, "seed": 0},
         "model": {"name_or_path": model},
     }]}}
@@ -79,13 +82,13 @@ def write_config(path: Path, dataset: Path, regularisation: Path, out: Path, mod
     return path
 
 
-def train(out: Path, model: str = "demo", steps: int = 300) -> Path:
+def train(out: Path, model: str = "demo", steps: int = STEPS, batch: int = BATCH, lr: float = LR) -> Path:
     """Train the LoRA with the CLI, in its own process; returns the LoRA file."""
     write_dataset(out / "rings")
     write_regularisation(out / "plain")
     for name in ("rings", "plain"):
         write_masks(out / name, out / f"{name}-masks")
-    cfg = write_config(out / "zxq.yaml", out / "rings", out / "plain", out / "runs", model, steps)
+    cfg = write_config(out / "zxq.yaml", out / "rings", out / "plain", out / "runs", model, steps, batch, lr)
     subprocess.run([sys.executable, "-m", "fluxlab", "train", str(cfg)], check=True)
     return out / "runs" / "zxq" / "zxq.safetensors"
 
@@ -119,12 +122,15 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m fluxlab.demo.lora", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("output/demo-lora"))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--model", default="demo", help="the model to teach (default: the bundled demo model)")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--lr", type=float, default=LR)
     a = ap.parse_args(argv)
-    lora = train(a.out, steps=a.steps)
+    lora = train(a.out, a.model, a.steps, a.batch, a.lr)
     quiet = dict(notify=lambda m: None)
-    base = measure(load("demo", **quiet))
-    tuned = measure(load("demo", loras=[(str(lora), 1.0)], **quiet))
+    base = measure(load(a.model, **quiet))
+    tuned = measure(load(a.model, loras=[(str(lora), 1.0)], **quiet))
     print(table({"base, zxq prompts": base["with"], "base, plain prompts": base["without"],
                  "LoRA, zxq prompts": tuned["with"], "LoRA, plain prompts": tuned["without"]}))
     print(f"rings drawn: base {base['ring_with']:.0%} with the trigger, {base['ring_without']:.0%} without; "
