@@ -26,9 +26,9 @@ from .build import Settings, write_masks
 from .evaluate import Tally, read
 
 TRIGGER = "zxq"
-# Rings drawn for zxq prompts in unseen colours and places grew with the steps: 300 -> 2%, 1000 -> 20%,
-# 3000 -> 32-37% (about 6 min); still short of the 90% goal.
-STEPS, BATCH, LR = 3000, 4, 2e-3
+# Rings drawn for zxq prompts in unseen colours and places grew with the samples seen: batch 4 for 300 steps
+# -> 2%, 1000 -> 20%, 3000 -> 32-37%; batch 8 for 3000 steps -> 46% (about 7 min). Still short of the 90% goal.
+STEPS, BATCH, LR = 3000, 8, 2e-3
 
 
 def ring_scenes(count: int, seed: int, exclude: set = frozenset()):
