@@ -95,8 +95,8 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     for side in (control, mask):  # a control or mask folder kept inside the dataset holds no training images
         if side is not None:
-            folder_ = Path(side).expanduser().resolve()
-            files = [f for f in files if not f.resolve().is_relative_to(folder_)]
+            inner = Path(side).expanduser().resolve()
+            files = [f for f in files if not f.resolve().is_relative_to(inner)]
     items, bad, uncaptioned = [], [], 0
     for f in files:
         try:
