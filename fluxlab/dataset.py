@@ -3,6 +3,9 @@
 * `40_maya_char/` repeats each of its images 40 times per epoch (seed 004's folder convention).
 * `photo.png` + `photo.txt` (the dataset's caption_ext); a missing caption means the trigger word alone.
 * `[trigger]` in a caption becomes the trigger word.
+* With `caption_per_line` (kohya's multi-line captions), each non-empty line of a caption file is one caption of
+  the image and every step that draws it picks one line at random: e.g. a full description and shorter ones, so
+  that short prompts work too.
 * Zips are extracted with every member checked: no absolute paths, no `..`, no links, and a cap on the total
   uncompressed size and on the compression ratio (zip bombs).
 * Unreadable images are listed once, up front, and skipped.
@@ -33,12 +36,16 @@ REPEATS = re.compile(r"^(\d+)_(.+)$")
 @dataclass(frozen=True)
 class Item:
     path: Path
-    caption: str
+    captions: tuple[str, ...]  # one, or the alternatives of a caption_per_line file
     width: int  # bucket size the image is trained at
     height: int
     repeats: int
     control: Path | None = None  # the reference image (edit training)
     mask: Path | None = None  # the loss-weight image
+
+    @property
+    def caption(self) -> str:
+        return self.captions[0]
 
 
 def safe_extract(archive: Path, dest: Path) -> Path:
@@ -77,7 +84,7 @@ def bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions: list[int], notify=print,
          workdir: Path | None = None, control: str | Path | None = None,
-         mask: str | Path | None = None) -> list[Item]:
+         mask: str | Path | None = None, per_line: bool = False) -> list[Item]:
     """The dataset's items: images with captions, repeats and buckets. A zip is extracted into workdir."""
     from PIL import Image
 
@@ -115,11 +122,13 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
             uncaptioned += 1
         if trigger:
             caption = caption.replace("[trigger]", trigger)
+        lines = [x.strip() for x in caption.splitlines() if x.strip()] if per_line else []
+        captions = tuple(lines) or (caption,)
         ref = _companion(f, root, control, "control") if control is not None else None
         weights = _companion(f, root, mask, "mask") if mask is not None else None
         for r in resolutions:
             bw, bh = bucket(w, h, r)
-            items.append(Item(f, caption, bw, bh, repeats, ref, weights))
+            items.append(Item(f, captions, bw, bh, repeats, ref, weights))
     if bad:
         notify(f"skipping {len(bad)} unreadable image(s) in {folder}: {', '.join(bad[:5])}"
                + (" ..." if len(bad) > 5 else ""))

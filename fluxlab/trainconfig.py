@@ -42,6 +42,7 @@ class Dataset(Strict):
     caption_ext: str = "txt"
     caption_dropout_rate: float = Field(0.05, ge=0, le=1)
     shuffle_tokens: bool = False
+    caption_per_line: bool = False  # each line of a caption file is one caption; a step picks one at random
     cache_latents_to_disk: bool = True
     resolution: list[int] = [1024]
 

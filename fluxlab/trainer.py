@@ -57,7 +57,8 @@ class Trainer:
         self.items, self.item_dataset = [], []  # each item, and the dataset settings it came with
         for d in p.datasets:
             found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
-                         workdir=self.run_dir / "datasets", control=d.control_path, mask=d.mask_path)
+                         workdir=self.run_dir / "datasets", control=d.control_path, mask=d.mask_path,
+                         per_line=d.caption_per_line)
             self.items += found
             self.item_dataset += [d] * len(found)
         if self.world > 1:
@@ -98,10 +99,10 @@ class Trainer:
 
     def _captions(self) -> list[str]:
         """Every text a training step can condition on: captions, their shufflings, and "" (dropout)."""
-        caps = {it.caption for it in self.items}
+        caps = {c for it in self.items for c in it.captions}
         for it, d in zip(self.items, self.item_dataset, strict=True):
             if d.shuffle_tokens:
-                caps.update(self._shuffled(it.caption, k) for k in range(4))
+                caps.update(self._shuffled(c, k) for c in it.captions for k in range(4))
         return sorted(caps | {""})
 
     @staticmethod
@@ -313,20 +314,25 @@ class Trainer:
             t = t * s / (1 + (s - 1) * t)
         return t
 
+    def caption(self, i: int, gen) -> str:
+        """What item i is captioned with at this step: one of its captions (caption_per_line), tags shuffled
+        (shuffle_tokens), or "" (caption dropout)."""
+        torch, it, d = self.torch, self.items[i], self.item_dataset[i]
+        cap = it.caption
+        if len(it.captions) > 1:
+            cap = it.captions[int(torch.randint(0, len(it.captions), (1,), generator=gen))]
+        if d.shuffle_tokens:
+            cap = self._shuffled(cap, int(torch.randint(0, 4, (1,), generator=gen)))
+        if torch.rand(1, generator=gen).item() < d.caption_dropout_rate:
+            cap = ""
+        return cap
+
     def loss(self, index: int, gen):
         """Flow-matching loss on one batch: predict v = noise - x0 at x_t = (1 - t) x0 + t noise."""
         torch, pipe = self.torch, self.pipe
         ids = self.batch(index)
         x0 = torch.cat([self.latents[self.keys[i]] for i in ids]).to(pipe.device)
-        captions = []
-        for i in ids:
-            it, d = self.items[i], self.item_dataset[i]
-            cap = it.caption
-            if d.shuffle_tokens:
-                cap = self._shuffled(cap, int(torch.randint(0, 4, (1,), generator=gen)))
-            if torch.rand(1, generator=gen).item() < d.caption_dropout_rate:
-                cap = ""
-            captions.append(cap)
+        captions = [self.caption(i, gen) for i in ids]
         if self.p.train.train_text_encoder:
             cond = pipe.family.encode(captions, pipe.device)  # with gradients into the encoder's LoRA
         else:

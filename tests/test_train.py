@@ -302,3 +302,21 @@ def test_mask_path_weights_the_loss_per_token(tiny_dirs, tmp_path):
 
     assert loss(white) == pytest.approx(loss(plain), rel=1e-6)
     assert abs(loss(left) - loss(plain)) > 1e-4 * loss(plain)
+
+
+@pytest.mark.parametrize("per_line", [False, True])
+def test_caption_per_line(tiny_dirs, tmp_path, per_line):
+    """caption_per_line: each line of a caption file is one caption, drawn at random; off, the file is one caption."""
+    cfg = seed_004_config(tmp_path, tiny_dirs["flux2-klein"], dtype="fp32")
+    proc = cfg["config"]["process"][0]
+    proc["model"] = {"name_or_path": str(tiny_dirs["flux2-klein"])}
+    proc["datasets"] = [{"folder_path": str(circles(tmp_path / "ds", 1, "[trigger], a red circle\n\n[trigger]\n")),
+                         "caption_dropout_rate": 0.0, "caption_per_line": per_line, "resolution": [64]}]
+    t = Trainer(parse(cfg))
+    t.setup()
+    gen = torch.Generator().manual_seed(0)
+    seen = {t.caption(0, gen) for _ in range(40)}
+    lines = {"maya_char, a red circle", "maya_char"}
+    assert seen == (lines if per_line else {"maya_char, a red circle\n\nmaya_char"})
+    assert seen <= set(t.pipe._prompt_cache)  # encoded up front, before the text encoder was released
+
