@@ -20,12 +20,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class NetworkKwargs(Strict):
+    # Layer targeting, as ai-toolkit spells it: substrings of the transformer's module names (diffusers names,
+    # e.g. "single_transformer_blocks.3.attn", "x_embedder"). Empty only_if_contains: every Linear.
+    only_if_contains: list[str] = []
+    ignore_if_contains: list[str] = []
+
+
 class Network(Strict):
     # "full": train every transformer weight (a full fine-tune, or from scratch when the model's transformer is
     # freshly initialised, as the demo model's is); linear/linear_alpha are then unused.
     type: Literal["lora", "full"] = "lora"
     linear: int = Field(32, ge=1, le=1024)  # rank
     linear_alpha: float = Field(32, gt=0)
+    network_kwargs: NetworkKwargs = NetworkKwargs()
 
 
 class Save(Strict):

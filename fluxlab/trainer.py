@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -194,11 +195,21 @@ class Trainer:
 
         torch = self.torch
         t = self.pipe.components.transformer
-        # Every Linear of the transformer, as ai-toolkit trains FLUX (embedders, modulation and output too).
-        targets = sorted({n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)})
+        # Every Linear of the transformer by default, as ai-toolkit trains FLUX (embedders, modulation and output
+        # too), narrowed by network_kwargs.
+        kw = self.p.network.network_kwargs
+        linears = sorted(n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear))
+        targets = [n for n in linears if (not kw.only_if_contains or any(s in n for s in kw.only_if_contains))
+                   and not any(s in n for s in kw.ignore_if_contains)]
+        if not targets:
+            raise UserError(f"network.network_kwargs selects no layer of the transformer (only_if_contains "
+                            f"{kw.only_if_contains}, ignore_if_contains {kw.ignore_if_contains}); its layers are "
+                            f"named like {', '.join(repr(n) for n in linears[:: max(1, len(linears) // 4)][:4])}")
         torch.manual_seed(self.p.train.seed)
+        # A regex of the exact names: a list would also match any module whose name merely ends like one of them
+        # (FLUX.1's top-level proj_out and its single blocks' proj_out).
         t.add_adapter(LoraConfig(r=self.p.network.linear, lora_alpha=self.p.network.linear_alpha,
-                                 target_modules=targets, init_lora_weights=True))
+                                 target_modules="|".join(re.escape(n) for n in targets), init_lora_weights=True))
         t.requires_grad_(False)
         self.params = {}
         for n, param in t.named_parameters():

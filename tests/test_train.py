@@ -320,3 +320,25 @@ def test_caption_per_line(tiny_dirs, tmp_path, per_line):
     assert seen == (lines if per_line else {"maya_char, a red circle\n\nmaya_char"})
     assert seen <= set(t.pipe._prompt_cache)  # encoded up front, before the text encoder was released
 
+
+def test_network_kwargs_pick_the_layers(tiny_dirs, tmp_path, capsys):
+    """ai-toolkit's layer targeting: substrings of module names, only_if_contains then ignore_if_contains."""
+    cfg = seed_004_config(tmp_path, tiny_dirs["flux2-klein"], dtype="fp32")
+    proc = cfg["config"]["process"][0]
+    proc["model"] = {"name_or_path": str(tiny_dirs["flux2-klein"])}
+    proc["network"]["network_kwargs"] = {"only_if_contains": ["single_transformer_blocks", "x_embedder"],
+                                         "ignore_if_contains": ["to_out"]}
+    t = Trainer(parse(cfg))
+    t.setup()
+    adapted = {n for n, m in t.pipe.components.transformer.named_modules() if hasattr(m, "lora_A")}
+    assert adapted and adapted == {n for n in adapted if ("single_transformer_blocks" in n or n == "x_embedder")
+                                   and "to_out" not in n}
+    assert "x_embedder" in adapted and "single_transformer_blocks.0.attn.to_qkv_mlp_proj" in adapted
+    assert {n.split(".lora_")[0] for n in t.params} == adapted  # only those train
+
+    proc["network"]["network_kwargs"] = {"only_if_contains": ["no_such_layer"]}
+    path = tmp_path / "none.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "train", path)
+    assert code == 2 and "selects no layer" in err and "'no_such_layer'" in err, err
+    assert err.strip().splitlines()[-1].startswith("error: network.network_kwargs") and "Traceback" not in err
