@@ -51,6 +51,7 @@ class Dataset(Strict):
     caption_dropout_rate: float = Field(0.05, ge=0, le=1)
     shuffle_tokens: bool = False
     caption_per_line: bool = False  # each line of a caption file is one caption; a step picks one at random
+    num_repeats: int = Field(1, ge=1)  # each image this many times per epoch (times a `10_name` folder's count)
     cache_latents_to_disk: bool = True
     resolution: list[int] = [1024]
 

@@ -21,6 +21,7 @@ Run folder (<training_folder>/<name>/):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,8 @@ class Trainer:
             found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
                          workdir=self.run_dir / "datasets", control=d.control_path, mask=d.mask_path,
                          per_line=d.caption_per_line)
+            if d.num_repeats > 1:
+                found = [dataclasses.replace(it, repeats=it.repeats * d.num_repeats) for it in found]
             self.items += found
             self.item_dataset += [d] * len(found)
         if self.world > 1:

@@ -342,3 +342,19 @@ def test_network_kwargs_pick_the_layers(tiny_dirs, tmp_path, capsys):
     code, _, err = run(capsys, "train", path)
     assert code == 2 and "selects no layer" in err and "'no_such_layer'" in err, err
     assert err.strip().splitlines()[-1].startswith("error: network.network_kwargs") and "Traceback" not in err
+
+
+def test_num_repeats_weights_a_dataset(tiny_dirs, tmp_path):
+    """num_repeats (per dataset, as in ai-toolkit) multiplies the kohya folder count: a 2_ folder repeated 3 times
+    appears 6 times per epoch beside a plain folder's once."""
+    cfg = seed_004_config(tmp_path, tiny_dirs["flux2-klein"], dtype="fp32")
+    proc = cfg["config"]["process"][0]
+    proc["model"] = {"name_or_path": str(tiny_dirs["flux2-klein"])}
+    proc["train"]["batch_size"] = 1
+    proc["datasets"] = [
+        {"folder_path": str(circles(tmp_path / "2_many", 1, "a red circle")), "num_repeats": 3, "resolution": [64]},
+        {"folder_path": str(circles(tmp_path / "once", 1, "a red circle")), "resolution": [64]}]
+    t = Trainer(parse(cfg))
+    t.setup()
+    epoch = [i for b in t._batches(0) for i in b]
+    assert sorted(epoch) == [0] * 6 + [1]
