@@ -48,13 +48,13 @@ class Scene:
         size = "" if self.size == "large" else "small "
         return f"a {size}{self.colour} {self.shape} {where} on a {self.background} background"
 
-    def short_caption(self, drop: str) -> str:
-        """The caption without one attribute ('colour', 'position' or 'background'), so the model also learns
+    def short_caption(self, *drop: str) -> str:
+        """The caption without some attributes ('colour', 'position', 'background'), so the model also learns
         what to draw when a prompt leaves something unsaid."""
-        where = "" if drop == "position" else " " + PHRASE.get(self.position, f"in the {self.position}")
+        where = "" if "position" in drop else " " + PHRASE.get(self.position, f"in the {self.position}")
         size = "" if self.size == "large" else "small "
-        colour = "" if drop == "colour" else f"{self.colour} "
-        bg = "" if drop == "background" else f" on a {self.background} background"
+        colour = "" if "colour" in drop else f"{self.colour} "
+        bg = "" if "background" in drop else f" on a {self.background} background"
         return f"a {size}{colour}{self.shape}{where}{bg}"
 
 
