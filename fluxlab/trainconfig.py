@@ -90,6 +90,9 @@ class Train(Strict):
     ema_config: Ema = Ema()
     dtype: Literal["bf16", "fp16", "fp32", "float32", "bfloat16"] = "bf16"
     timestep_type: Literal["sigmoid", "uniform", "shift", "flux_shift"] = "sigmoid"
+    # ai-toolkit's cubic bias, which replaces timestep_type: "content" draws noise levels near pure noise, where
+    # shapes and layout are decided (new objects, structure); "style" near the clean image (texture, colour).
+    content_or_style: Literal["balanced", "content", "style"] = "balanced"
     seed: int = 42
 
 

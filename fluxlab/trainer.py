@@ -313,21 +313,6 @@ class Trainer:
         return self._epoch_cache[1][within]
 
     # -- one step -----------------------------------------------------------------------------------
-    def _timesteps(self, n: int, tokens: int, gen):
-        torch, kind = self.torch, self.p.train.timestep_type
-        if kind == "uniform":
-            return torch.rand(n, generator=gen)
-        t = torch.sigmoid(torch.randn(n, generator=gen))
-        if kind == "shift":
-            s = 3.0
-            t = t * s / (1 + (s - 1) * t)
-        elif kind == "flux_shift":
-            from .schedule import flux1_mu
-
-            s = math.exp(flux1_mu(tokens))
-            t = t * s / (1 + (s - 1) * t)
-        return t
-
     def caption(self, i: int, gen) -> str:
         """What item i is captioned with at this step: one of its captions (caption_per_line), tags shuffled
         (shuffle_tokens), or "" (caption dropout)."""
@@ -352,7 +337,7 @@ class Trainer:
         else:
             with torch.no_grad():
                 cond = pipe.encode_prompts(captions)
-        t = self._timesteps(len(ids), x0.shape[1], gen).to(pipe.device)
+        t = noise_levels(self.p.train, len(ids), x0.shape[1], gen).to(pipe.device)
         noise = torch.randn(x0.shape, generator=gen).to(pipe.device)
         tt = t.view(-1, 1, 1)
         x_t = ((1 - tt) * x0 + tt * noise).to(pipe.dtype)
@@ -582,6 +567,28 @@ class Trainer:
                  if k.startswith("transformer.")}
         t.load_lora_adapter(state, adapter_name="train", prefix=None)
         return self._sampler
+
+
+def noise_levels(train, n: int, tokens: int, gen):
+    """n noise levels t in (0, 1) (t = 1 is pure noise) for one batch, drawn as `train` (a Train config) asks:
+    timestep_type's distributions, or content_or_style's cubic bias (ai-toolkit's), which replaces them."""
+    import torch
+
+    if train.content_or_style != "balanced":  # ai-toolkit indexes a high-to-low noise table with u**3
+        u3 = torch.rand(n, generator=gen) ** 3
+        return 1 - u3 if train.content_or_style == "content" else u3
+    if train.timestep_type == "uniform":
+        return torch.rand(n, generator=gen)
+    t = torch.sigmoid(torch.randn(n, generator=gen))
+    if train.timestep_type == "shift":
+        s = 3.0
+        t = t * s / (1 + (s - 1) * t)
+    elif train.timestep_type == "flux_shift":
+        from .schedule import flux1_mu
+
+        s = math.exp(flux1_mu(tokens))
+        t = t * s / (1 + (s - 1) * t)
+    return t
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> None:

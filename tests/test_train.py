@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 from fluxlab.trainconfig import parse
-from fluxlab.trainer import Trainer
+from fluxlab.trainer import Trainer, noise_levels
 
 
 def circles(folder: Path, n: int, caption: str | None = "[trigger], a red circle on white") -> Path:
@@ -257,6 +257,23 @@ def test_learning_rate_schedule(tmp_path):
     assert t.lr_at(109) == pytest.approx(1e-4 * 0.5 * (1 + np.cos(np.pi * 99 / 100)))
     cfg["config"]["process"][0]["train"]["lr_scheduler"] = "constant"
     assert Trainer(parse(cfg)).lr_at(100) == pytest.approx(1e-4)
+
+
+def test_content_or_style_biases_the_noise_levels(tmp_path):
+    import torch
+
+    def levels(**train):
+        cfg = seed_004_config(tmp_path, "demo", **train)
+        return noise_levels(parse(cfg).process.train, 4000, 16, torch.Generator().manual_seed(0))
+
+    balanced, shifted = levels(), levels(timestep_type="shift")
+    content, style = levels(content_or_style="content"), levels(content_or_style="style")
+    assert abs(balanced.mean() - 0.5) < 0.02 and shifted.mean() > 0.65  # timestep_type still applies
+    # t = 1 is pure noise. Content: t = 1 - u**3, so P(t > 0.8) = P(u**3 < 0.2) = 0.2**(1/3) = 0.58; style mirrors it.
+    assert (content > 0.8).float().mean() == pytest.approx(0.2 ** (1 / 3), abs=0.03)
+    assert (style < 0.2).float().mean() == pytest.approx(0.2 ** (1 / 3), abs=0.03)
+    assert content.min() >= 0 and content.max() <= 1 and style.min() >= 0
+    assert (balanced > 0.8).float().mean() < 0.1
 
 
 @pytest.mark.parametrize("kind", ["control", "mask"])
