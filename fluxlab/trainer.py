@@ -256,7 +256,7 @@ class Trainer:
     def _add_text_encoder_lora(self) -> None:
         """LoRA on every Linear of the text encoder(s) too; their parameters are named text_encoder.* (and
         text_encoder_2.* for FLUX.1's T5)."""
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
 
         torch = self.torch
         for name in ("text_encoder", "text_encoder_2"):
@@ -264,8 +264,10 @@ class Trainer:
             if te is None:
                 continue
             targets = sorted({n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear)})
-            te.add_adapter(LoraConfig(r=self.p.network.linear, lora_alpha=self.p.network.linear_alpha,
-                                      target_modules=targets, init_lora_weights=True))
+            # peft directly rather than transformers' add_adapter, whose own peft version floor can run ahead of
+            # the newest peft release (transformers 5.24 asks for peft >= 0.22 while 0.21.2 is the newest).
+            inject_adapter_in_model(LoraConfig(r=self.p.network.linear, lora_alpha=self.p.network.linear_alpha,
+                                               target_modules=targets, init_lora_weights=True), te)
             te.requires_grad_(False)
             for n, param in te.named_parameters():
                 if "lora_" in n:
