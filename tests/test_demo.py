@@ -71,18 +71,22 @@ def test_held_out_prompt_adherence(demo):
     assert r["shape"] >= 0.75, r
 
 
-def test_lora_trains_on_the_demo_model_with_the_cli(demo, tmp_path):
-    """`fluxlab train CONFIG.yaml` on the demo model writes a LoRA that loads and changes what the trigger prompt
-    draws more than what other prompts draw. (Drawing the new shape itself is not reached yet: see lora.py.)"""
-    lora_file = demo_lora.train(tmp_path, steps=150)
+def test_lora_proof_meets_the_goals(demo, tmp_path):
+    """The LoRA proof as the README reports it (about 6 min here): `fluxlab train CONFIG.yaml` teaches the demo
+    model a ring called "zxq" from twenty images. With the LoRA, "a zxq in the center" draws a ring in >= 90% of
+    seeds (measured 20 of 20; the base model draws none) and the demo's own prompts draw rings in <= 10% of images
+    (measured 0%)."""
+    lora_file = demo_lora.train(tmp_path)
     tuned = fluxlab.load("demo", loras=[(str(lora_file), 1.0)], notify=lambda m: None)
 
-    def change(prompt):
-        a, b = (np.asarray(p.generate(prompt=prompt, seed=0)[0].image, dtype=float) for p in (demo, tuned))
-        return np.abs(a - b).mean()
+    def rings(pipe, prompts):
+        return np.mean([read(pipe.generate(prompt=p, seed=s)[0].image).shape == "ring" for p, s in prompts])
 
-    trigger = change("a zxq in the center")
-    assert trigger > 2 and trigger > change("a small blue square in the top left on a black background")
+    center = [(p, s) for p, s, _, _ in demo_lora.trigger_prompts()["a zxq in the center"]]
+    plain = [(s.caption, i) for i, s in enumerate(list(data.scenes("heldout"))[::3])]
+    assert rings(demo, center[:5]) == 0
+    assert rings(tuned, center) >= 0.9
+    assert rings(tuned, plain) <= 0.1
 
 
 def test_reference_edits_keep_the_unstated_position(demo):
