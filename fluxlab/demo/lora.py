@@ -17,6 +17,7 @@ prior preservation, and loss masks on the shapes as the demo model was trained w
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import random
 import subprocess
@@ -49,8 +50,8 @@ def ring_scenes(count: int, seed: int, exclude: set = frozenset()):
     picked = rng.sample(combos, count)
     best = imbalance(picked)
     for _ in range(4000):  # local search: swap one scene for an unused one when that is no less even
-        trial = list(picked)
-        trial[rng.randrange(count)] = rng.choice([c for c in combos if c not in picked])
+        trial, taken = list(picked), set(picked)
+        trial[rng.randrange(count)] = rng.choice([c for c in combos if c not in taken])
         if (score := imbalance(trial)) <= best:
             picked, best = trial, score
     return [data.Scene(c, data.NEW_SHAPE, p, s, b) for c, p, s, b in picked]
@@ -141,6 +142,10 @@ def train(out: Path, model: str = "demo", steps: int = STEPS, batch: int = BATCH
     return out / "runs" / "zxq" / "zxq.safetensors"
 
 
+NO_PLACE = f"a <colour> {TRIGGER} (no place)"
+
+
+@functools.cache  # pure, and asked for by every measurement: its ring scenes come from a local search
 def trigger_prompts() -> dict[str, list[tuple[str, int, str | None, str | None]]]:
     """(prompt, seed, colour, position) of each group of zxq prompts, none of them a training caption."""
     where = {p: data.PHRASE.get(p, f"in the {p}") for p in data.POSITIONS}
@@ -157,12 +162,8 @@ def trigger_prompts() -> dict[str, list[tuple[str, int, str | None, str | None]]
                                      for i, s in enumerate(ring_scenes(40, 1, exclude=trained))],
         # No place at all. The demo model itself rarely draws the shape asked for without one (it averages over
         # the nine places), so this group is reported beside the base model's circles, not counted to the goal.
-        f"a <colour> {TRIGGER} (no place)":
-            [(f"a {c} {TRIGGER}", 300 + 10 * k + i, c, None) for i, c in enumerate(data.COLOURS) for k in (0, 1)],
+        NO_PLACE: [(f"a {c} {TRIGGER}", 300 + 10 * k + i, c, None) for i, c in enumerate(data.COLOURS) for k in (0, 1)],
     }
-
-
-NO_PLACE = f"a <colour> {TRIGGER} (no place)"
 
 
 def measure(pipe, word: str = TRIGGER, shape: str = data.NEW_SHAPE, plain: bool = True) -> dict[str, Tally]:
