@@ -59,7 +59,7 @@ def work_flops(model_dir: Path, size: int, steps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoConfig
 
-    from fluxlab.catalog import text_encoder_layers
+    from fluxlab.spec.catalog import text_encoder_layers
 
     def count(fn):
         with FlopCounterMode(display=False) as fc:
@@ -131,8 +131,8 @@ def main():
         results[tool] = {"wall_s": statistics.median(walls), "peak_rss_gib": statistics.median(rss) / 2**30,
                          "generate_s": statistics.median(gens), "phases": phases}
     # The floor uses the rate of the arithmetic each tool runs: diffusers multiplies in bf16; fluxlab in fp32
-    # on CPUs without AMX (bf16 weights upcast per layer, see fluxlab.devices.upcast_linears), else in bf16.
-    from fluxlab.devices import cpu_has_fast_bf16
+    # on CPUs without AMX (bf16 weights upcast per layer, see fluxlab.runtime.devices.upcast_linears), else in bf16.
+    from fluxlab.runtime.devices import cpu_has_fast_bf16
 
     rates = {"bfloat16": matmul_tflops(), "float32": matmul_tflops(dtype="float32")}
     compute = {"diffusers": "bfloat16", "fluxlab": "bfloat16" if cpu_has_fast_bf16() else "float32"}

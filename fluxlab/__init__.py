@@ -3,7 +3,7 @@
     import fluxlab
     pipe = fluxlab.load("flux2-klein-4b")          # models stay loaded in `pipe`
     result = pipe.generate(prompt="a lighthouse at dusk", seed=7)[0]
-    result.image.save("lighthouse.png")
+    pipe.save(result, "lighthouse.png")            # with its settings; result.image is a PIL image
 
 Importing this package loads no weights and imports no torch; `load` does that when called.
 """
@@ -11,11 +11,11 @@ Importing this package loads no weights and imports no torch; `load` does that w
 __version__ = "0.1.0"
 
 
-def load(model: str, **options):
+def load(model, **options):
     """Load a model (catalog name, local diffusers directory or hub repo id) and return a
-    `fluxlab.pipeline.Pipeline` that keeps it in memory. Options: device, dtype, transformer, notify, lean;
-    see `fluxlab.pipeline.load`."""
-    from .pipeline import load as _load
+    `fluxlab.service.api.Pipeline` that keeps it in memory. Options: device, dtype, transformer, loras, quantize,
+    memory, budget, notify, ...; see `fluxlab.service.api.load`."""
+    from .service.api import load as _load
 
     return _load(model, **options)
 

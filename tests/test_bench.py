@@ -7,7 +7,7 @@ import json
 from conftest import run
 
 import fluxlab
-from fluxlab.benchmark import find_max
+from fluxlab.service.bench import find_max
 
 
 def test_bench_writes_a_profile(tiny_dirs, tmp_path, monkeypatch, capsys):

@@ -41,7 +41,7 @@ def test_from_reproduces_a_png_byte_for_byte(tiny_dirs, tmp_path, capsys):
     code, _, _ = run(capsys, "generate", "--from", tmp_path / "orig.png", "--seed", 100, "--device", "cpu",
                      "-o", tmp_path / "other.png")
     assert code == 0
-    assert json.loads(_meta(tmp_path / "other.png"))["seed"] == 100
+    assert json.loads(_meta(tmp_path / "other.png"))["request"]["seed"] == 100
 
 
 def _meta(path: Path) -> str:
@@ -60,17 +60,24 @@ def test_metadata_records_settings_and_timings(tiny_dirs, tmp_path, capsys):
     with Image.open(tmp_path / "m.png") as im:
         text = dict(im.text)
     meta = json.loads(text["fluxlab"])
-    assert meta | {} == meta and {k: meta[k] for k in ("prompt", "negative", "seed", "width", "height", "steps",
-                                                       "guidance", "dtype")} == {
+    assert set(meta) == {"fluxlab", "format", "request", "model", "runtime", "resolved"}
+    request = meta["request"]
+    assert {k: request[k] for k in ("prompt", "negative", "seed", "width", "height", "steps", "guidance")} == {
         "prompt": "a blue square in the center", "negative": "dull", "seed": 5, "width": 96, "height": 64,
-        "steps": 2, "guidance": 3.0, "dtype": "fp32"}
-    assert meta["model"] == str(Path(tiny_dirs["flux2-klein-base"]).resolve())
-    assert "mu" in meta["schedule"] and meta["fluxlab"]
+        "steps": 2, "guidance": 3.0}
+    # Each part is exactly what its typed object writes: reading it back changes nothing.
+    from fluxlab.spec.request import GenerateRequest, ModelRef, Runtime
+
+    for key, model in (("request", GenerateRequest), ("model", ModelRef), ("runtime", Runtime)):
+        assert model.model_validate(meta[key]).model_dump(mode="json", exclude_none=True) == meta[key], key
+    assert meta["model"]["dtype"] == "fp32" and meta["runtime"]["device"] == "cpu"
+    assert meta["model"]["name"] == str(Path(tiny_dirs["flux2-klein-base"]).resolve())
+    assert meta["resolved"]["schedule"]["mu"] > 0 and meta["fluxlab"]
     timings = json.loads(text["fluxlab-timings"])
     assert {"load", "encode", "denoise", "decode"} <= set(timings)
     assert text["parameters"].startswith("a blue square in the center\nNegative prompt: dull\nSteps: 2")
     code, out, _ = run(capsys, "show", tmp_path / "m.png", "--json")
-    assert code == 0 and json.loads(out)["seed"] == 5
+    assert code == 0 and json.loads(out)["request"]["seed"] == 5
 
 
 def test_num_images_uses_consecutive_seeds_and_directory_order(tiny_dirs, tmp_path, capsys):
@@ -85,7 +92,7 @@ def test_num_images_uses_consecutive_seeds_and_directory_order(tiny_dirs, tmp_pa
 def test_random_seed_is_printed_and_recorded(tiny_dirs, tmp_path, capsys):
     code, out, _ = run(capsys, *gen(tiny_dirs["flux2-klein"], "-o", tmp_path / "r.png"))
     assert code == 0
-    seed = json.loads(_meta(tmp_path / "r.png"))["seed"]
+    seed = json.loads(_meta(tmp_path / "r.png"))["request"]["seed"]
     assert 0 <= seed <= 2**32 - 1 and f"seed {seed}" in out
 
 

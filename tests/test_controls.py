@@ -22,8 +22,9 @@ def _config_dir(tmp_path, monkeypatch):
 
 
 def meta(path):
+    """The request an image records (every value explicit)."""
     with Image.open(path) as im:
-        return json.loads(im.text["fluxlab"])
+        return json.loads(im.text["fluxlab"])["request"]
 
 
 def common(tiny):
@@ -78,7 +79,7 @@ def test_user_presets_save_list_delete(tiny_dirs, tmp_path, capsys):
     code, _, _ = run(capsys, "generate", "a cat", "--preset", "mine", "-W", 64, "-H", 64, "--seed", 2,
                        *common(str(tiny_dirs["flux1-dev"])), "-o", tmp_path / "u.png")
     m = meta(tmp_path / "u.png")
-    assert code == 0 and (m["steps"], m["sampler"], m["schedule"]["name"]) == (7, "heun", "shift:2")
+    assert code == 0 and (m["steps"], m["sampler"], m["schedule"]) == (7, "heun", "shift:2")
     assert run(capsys, "preset", "delete", "mine")[0] == 0
     assert json.loads((tmp_path / "config" / "presets.json").read_text()) == {}
 

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import fluxlab
-from fluxlab.catalog import CATALOG
 from fluxlab.demo import data, edit
 from fluxlab.demo import lora as demo_lora
 from fluxlab.demo.evaluate import adherence, read
+from fluxlab.spec.catalog import CATALOG
 
 MODEL = Path(fluxlab.__file__).parent / CATALOG["demo"].bundled
 

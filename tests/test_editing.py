@@ -179,7 +179,7 @@ def test_klein_img2img_small_strength_stays_close(tiny_pipes, imgs):
 
 
 def test_image_modes_exif_and_mask_resize(tmp_path):
-    from fluxlab.images import load_mask, load_rgb
+    from fluxlab.spec.images import load_mask, load_rgb
 
     notes = []
     for mode in ("RGBA", "LA", "L", "P", "CMYK", "I;16"):
@@ -259,9 +259,9 @@ def test_provenance_and_from(tiny_dirs, imgs, tmp_path, capsys):
                        "-o", tmp_path / "edit.png")
     assert code == 0, err
     assert "output size 96x64 follows the init image" in err
-    meta = json.loads(Image.open(tmp_path / "edit.png").text["fluxlab"])
-    roles = {r["role"]: r for r in meta["inputs"]}
-    assert set(roles) == {"init", "reference"} and meta["strength"] == 0.5
+    request = json.loads(Image.open(tmp_path / "edit.png").text["fluxlab"])["request"]
+    roles = {"init": request["init"], "reference": request["images"][0]}
+    assert len(request["images"]) == 1 and request["strength"] == 0.5
     import hashlib
 
     assert roles["init"]["sha256"] == hashlib.sha256(Path(init).read_bytes()).hexdigest()
@@ -273,4 +273,4 @@ def test_provenance_and_from(tiny_dirs, imgs, tmp_path, capsys):
     assert (tmp_path / "edit.png").read_bytes() == (tmp_path / "again.png").read_bytes()
     _image(tmp_path / "start.png", W, H, 99)  # the input changes: --from refuses to pretend
     code, _, err = run(capsys, "generate", "--from", tmp_path / "edit.png", "-o", tmp_path / "x.png")
-    assert code == 2 and "has changed since this image was made" in err
+    assert code == 2 and "has changed since it was recorded (SHA-256 differs)" in err

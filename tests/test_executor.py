@@ -7,7 +7,7 @@ import torch
 
 import fluxlab
 from fluxlab.errors import UserError
-from fluxlab.memory import GB, Plan
+from fluxlab.runtime.memory import GB, Plan
 
 KW = dict(prompt="a red circle in the top left", width=96, height=64, seed=3, steps=3)
 PLANS = [
@@ -76,8 +76,8 @@ def test_int8_stays_close_to_bf16(tiny_dirs, kind):
     q = fluxlab.load(str(tiny_dirs[kind]), device="cpu", dtype="bf16", quantize="int8", notify=lambda m: None)
     b = q.generate(**KW)[0].latents.float()
     assert 0 < ((b - a).norm() / a.norm()).item() < 0.02
-    assert q.generate(**KW)[0].metadata["quantize"] == "int8"
-    from fluxlab.executor import model_sizes
+    assert q.generate(**KW)[0].metadata["model"]["quantize"] == "int8"
+    from fluxlab.runtime.executor import model_sizes
 
     full = model_sizes(fluxlab.load(str(tiny_dirs[kind]), device="cpu", dtype="bf16").components).transformer
     assert model_sizes(q.components).transformer < 0.75 * full  # int8 weights (plus scales, unquantized norms)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxlab.catalog import CATALOG, text_encoder_layers
 from fluxlab.errors import UserError
-from fluxlab.keys import flux2_to_bfl
-from fluxlab.loading import derive_spec, load_transformer_file, locate
+from fluxlab.runtime.keys import flux2_to_bfl
+from fluxlab.runtime.loading import derive_spec, locate
+from fluxlab.runtime.singlefile import load_transformer_file
+from fluxlab.spec.catalog import CATALOG, text_encoder_layers
 
 
 def test_encoder_layers_rule_reproduces_the_reference_choices():
@@ -82,7 +83,7 @@ def test_single_file_changes_the_generation(tiny_dirs, tmp_path, klein_sd):
     swapped = fluxlab.load(str(tiny_dirs["flux2-klein"]), device="cpu", dtype="fp32", transformer=str(f))
     a, b = base.generate(**kw)[0], swapped.generate(**kw)[0]
     assert (a.latents - b.latents).abs().max() > 1e-3
-    assert b.metadata["transformer_file"] == str(f)
+    assert b.metadata["model"]["transformer"]["path"] == str(f)
 
 
 def test_single_file_errors(tiny_dirs, tmp_path, tiny_pipes):
@@ -124,7 +125,7 @@ def test_bundled_model_missing_and_directory_defaults(tiny_dirs, tmp_path, monke
     import json
     import shutil
 
-    from fluxlab import catalog
+    from fluxlab.spec import catalog
 
     monkeypatch.setitem(catalog.CATALOG, "demo", dataclasses.replace(CATALOG["demo"], bundled="demo/not-here"))
     with pytest.raises(UserError, match=r"missing from this install .* python -m fluxlab\.demo\.build"):

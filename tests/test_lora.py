@@ -10,8 +10,8 @@ from conftest import run
 from safetensors.torch import save_file
 
 import fluxlab
-from fluxlab import lora as L
 from fluxlab.errors import UserError
+from fluxlab.runtime import loras as L
 
 KW = dict(prompt="a red circle in the top left", width=96, height=64, seed=3, steps=2)
 
@@ -128,7 +128,8 @@ def test_lora_cli_info_convert_generate_and_errors(tiny_dirs, tiny_pipes, tmp_pa
     from PIL import Image
 
     meta = json.loads(Image.open(tmp_path / "l.png").text["fluxlab"])
-    assert meta["loras"][0]["scale"] == 0.8 and meta["loras"][0]["file"] == "k-kohya.safetensors"
+    lora = meta["model"]["loras"][0]
+    assert lora["scale"] == 0.8 and lora["path"].endswith("k-kohya.safetensors") and len(lora["sha256"]) == 64
     save_file(random_lora(tiny_pipes["flux1-dev"].components.transformer), tmp_path / "f1.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     save_file({"some.weight": torch.zeros(2)}, tmp_path / "notlora.safetensors")

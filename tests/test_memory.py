@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fluxlab.errors import UserError
-from fluxlab.memory import GB, ModelSizes, activation_bytes, make_plan, next_smaller, parse_size
+from fluxlab.runtime.memory import GB, ModelSizes, activation_bytes, make_plan, next_smaller, parse_size
 
 # klein 4B in bf16: transformer 3.88 B params, lean Qwen3-4B encoder (27 of 36 layers, no LM head), VAE 84 M.
 KLEIN_4B = ModelSizes(transformer=int(7.75 * GB), text_encoder=int(5.6 * GB), vae=int(0.17 * GB),

@@ -102,6 +102,14 @@ def test_noise_is_drawn_on_cpu_generator(tiny_pipes):
 def test_mistral_system_message_is_the_reference_text():
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-    from fluxlab.families.flux2 import MISTRAL_SYSTEM_MESSAGE
+    from fluxlab.core.families.flux2 import MISTRAL_SYSTEM_MESSAGE
 
     assert MISTRAL_SYSTEM_MESSAGE == SYSTEM_MESSAGE
+
+
+def test_kontext_resolutions_are_the_reference_table():
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    from fluxlab.spec.families import KONTEXT_RESOLUTIONS
+
+    assert list(PREFERRED_KONTEXT_RESOLUTIONS) == KONTEXT_RESOLUTIONS

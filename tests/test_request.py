@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fluxlab.catalog import CATALOG
 from fluxlab.errors import UserError
-from fluxlab.request import ASPECTS, make_request, resolve
+from fluxlab.spec.catalog import CATALOG
+from fluxlab.spec.request import make_request
+from fluxlab.spec.resolve import ASPECTS, resolve
 
 
 def test_defaults_come_from_the_model():

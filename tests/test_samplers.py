@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fluxlab.core.sampling import FUNCTIONS, get_sampler
 from fluxlab.errors import UserError
-from fluxlab.sampling import SAMPLERS, get_sampler
+from fluxlab.spec.samplers import SAMPLERS
 
 # Data ~ N(M, S^2) per coordinate, noise ~ N(0, 1), x_sigma = (1 - sigma) x0 + sigma eps. The marginal velocity
 # E[eps - x0 | x_sigma] is linear in x, and the ODE maps x1 to M + S * x1 exactly: a known answer to converge to.
@@ -24,7 +25,7 @@ def exact_velocity(x, sigma):
 def global_error(name, n):
     x1 = torch.linspace(-2, 2, 9, dtype=torch.float64)
     sigmas = torch.linspace(1, 0, n + 1, dtype=torch.float64)
-    out = SAMPLERS[name].fn(exact_velocity, x1.clone(), sigmas, eta=0.0)
+    out = FUNCTIONS[name](exact_velocity, x1.clone(), sigmas, eta=0.0)
     return (out - (M + S * x1)).abs().max().item()
 
 
@@ -67,7 +68,7 @@ def test_euler_default_schedule_is_the_reference_path(tiny_pipes):
 def test_every_sampler_and_schedule_runs(tiny_pipes, kind, sampler, schedule):
     res = tiny_pipes[kind].generate(**KW, steps=3, sampler=sampler, schedule=schedule)[0]
     assert torch.isfinite(res.latents).all()
-    assert res.metadata["sampler"] == sampler and res.metadata["schedule"]["name"] == schedule
+    assert res.metadata["request"]["sampler"] == sampler and res.metadata["resolved"]["schedule"]["name"] == schedule
 
 
 def test_schedules_differ_and_ancestral_eta_zero_is_euler(tiny_pipes):
@@ -92,11 +93,17 @@ def test_batched_equals_unbatched(tiny_pipes, kind, sampler):
         assert (r.latents - single.latents).abs().max().item() <= 1e-5
 
 
-def test_callback_sees_every_step_and_the_last_estimate_is_the_result(tiny_pipes):
+def test_step_events_see_every_step_and_the_last_estimate_is_the_result(tiny_pipes):
+    from fluxlab.service.events import Step
+
     pipe = tiny_pipes["flux2-klein"]
     seen = []
-    res = pipe.generate(**KW, steps=4, callback=lambda info: seen.append(info))[0]
-    assert [s["i"] for s in seen] == [0, 1, 2, 3] and seen[0]["steps"] == 4
+    res = pipe.generate(**KW, steps=4, events=lambda e: seen.append(e) if isinstance(e, Step) else None)[0]
+    assert [s.i for s in seen] == [1, 2, 3, 4] and seen[0].n == 4
     # Euler's last step lands on sigma=0, so the final clean estimate is the output itself.
-    z = pipe.family.unpack(seen[-1]["denoised"], 96, 64)
+    z = pipe.family.unpack(seen[-1].denoised, 96, 64)
     assert (z - res.latents).abs().max() <= 1e-5
+
+
+def test_every_named_sampler_has_a_function():
+    assert FUNCTIONS.keys() == SAMPLERS.keys()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fluxlab.schedule import flow_sigmas, flux1_mu, flux2_mu, linear_sigmas
+from fluxlab.core.schedule import flow_sigmas, flux1_mu, flux2_mu, linear_sigmas
 from fluxlab.tiny import SCHNELL_SCHEDULER, SHIFTED_SCHEDULER
 
 

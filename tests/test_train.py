@@ -20,8 +20,10 @@ from conftest import run
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from fluxlab.trainconfig import parse
-from fluxlab.trainer import Trainer, noise_levels
+from fluxlab.service.generate import run_all
+from fluxlab.spec.request import make_request
+from fluxlab.spec.trainconfig import parse
+from fluxlab.train.loop import Trainer, noise_levels
 
 
 def circles(folder: Path, n: int, caption: str | None = "[trigger], a red circle on white") -> Path:
@@ -103,7 +105,8 @@ def test_training_lowers_loss_and_moves_generations(tiny_dirs, tmp_path):
     def distance():
         t.pipe.components.transformer.eval()
         with torch.no_grad():
-            z = t.pipe.generate(prompt="zxq, a red circle on white", width=64, height=64, seed=1, steps=4)[0].latents
+            req = make_request(prompt="zxq, a red circle on white", width=64, height=64, seed=1, steps=4)
+            z = run_all(req, loaded=t.model)[0].latents
         t.pipe.components.transformer.train()
         return (z - target).abs().mean().item()
 
@@ -226,7 +229,7 @@ def test_bad_datasets(tiny_dirs, tmp_path, capsys):
 
 def test_text_encoder_lora_trains_and_loads(tiny_dirs, tmp_path, capsys):
     import fluxlab
-    from fluxlab import lora as L
+    from fluxlab.runtime import loras as L
 
     path = small_config(tmp_path, tiny_dirs["flux2-klein"], steps=4, save_every=4)
     cfg = yaml.safe_load(path.read_text())
@@ -335,7 +338,7 @@ def test_caption_per_line(tiny_dirs, tmp_path, per_line):
     seen = {t.caption(0, gen) for _ in range(40)}
     lines = {"maya_char, a red circle", "maya_char"}
     assert seen == (lines if per_line else {"maya_char, a red circle\n\nmaya_char"})
-    assert seen <= set(t.pipe._prompt_cache)  # encoded up front, before the text encoder was released
+    assert all(t.model.is_cached(c) for c in seen)  # encoded up front, before the text encoder was released
 
 
 def test_network_kwargs_pick_the_layers(tiny_dirs, tmp_path, capsys):

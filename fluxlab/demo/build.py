@@ -284,7 +284,7 @@ def build_init(s: Settings, work: Path, log=print) -> Path:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 
-    from ..catalog import CATALOG
+    from ..spec.catalog import CATALOG
     from ..tiny import SHIFTED_SCHEDULER
 
     path = init_dir(s, work)
@@ -314,7 +314,7 @@ def build_init(s: Settings, work: Path, log=print) -> Path:
 
 def write_defaults(path: Path, spec) -> None:
     """fluxlab.json: the catalog's defaults for this model, so the directory loads the same by path."""
-    from ..loading import OVERRIDABLE
+    from ..spec.catalog import OVERRIDABLE
 
     (path / "fluxlab.json").write_text(json.dumps({k: getattr(spec, k) for k in OVERRIDABLE}, indent=1) + "\n")
 
@@ -349,8 +349,9 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     from diffusers import Flux2Transformer2DModel
     from safetensors.torch import load_file
 
-    from ..trainconfig import parse
-    from ..trainer import Trainer
+    from ..service import events as ev
+    from ..service.train import train
+    from ..spec.trainconfig import parse
 
     s = s or Settings()
     work = Path(work or Path.home() / ".cache" / "fluxlab" / "demo-build")
@@ -377,9 +378,8 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     log(f"tokenizer, encoder and VAE ready ({t1 - t0:.0f} s)")
     run_root = work / f"train-{s.key(*asdict(s))}"
     shutil.rmtree(run_root / "demo", ignore_errors=True)
-    trainer = Trainer(parse(train_config(s, init, dataset, edits, run_root, masks), "demo build"), notify=log)
-    trainer.setup()
-    weights = trainer.train()
+    config = parse(train_config(s, init, dataset, edits, run_root, masks), "demo build")
+    weights = train(config, events=lambda e: log(e.text) if isinstance(e, ev.Notice) else None).lora
     t2 = time.perf_counter()
     log(f"transformer trained: {s.steps} steps in {t2 - t1:.0f} s")
     # Assemble: the init pipeline with the trained (EMA) transformer weights, written next to `out`, then moved.

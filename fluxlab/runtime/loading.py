@@ -1,0 +1,361 @@
+"""Finding and loading models: catalog names, local diffusers directories, hub repos, single-file transformers.
+
+`locate()` answers "what is this model and where are its files" from JSON alone (fast, before any weights
+are read, so requests can be validated first). `load_components()` then builds the diffusers/transformers
+model objects from safetensors files only (never pickle), and never runs code shipped with a model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import UserError, did_you_mean
+from ..files import check_safetensors, read_json
+from ..spec.catalog import CATALOG, OVERRIDABLE, ModelSpec, bundled_path, text_encoder_layers
+
+# model_index.json pipeline classes we can run, and how each maps onto the catalog's vocabulary.
+FLUX2_PIPELINES = {"Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2Pipeline"}
+FLUX1_PIPELINES = {"FluxPipeline", "FluxKontextPipeline", "FluxFillPipeline"}
+
+# Component classes we instantiate, per library: a whitelist, so a model_index.json cannot name arbitrary code.
+DIFFUSERS_CLASSES = {"Flux2Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKLFlux2", "AutoencoderKL"}
+TRANSFORMERS_CLASSES = {
+    "Qwen3ForCausalLM", "Qwen3Model", "Mistral3ForConditionalGeneration", "CLIPTextModel", "T5EncoderModel",
+}
+HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A located model: its spec (from the catalog, or derived from a directory's files) and where it lives."""
+
+    spec: ModelSpec | None  # None for a hub repo outside the catalog, until its files are here
+    path: Path | None  # None until a hub model is downloaded
+    label: str  # what to record and show: a catalog name, an absolute directory, or a hub repo id
+    repo: str | None = None
+
+
+class Components:
+    """A pipeline's parts, each loaded on first use and releasable.
+
+    Loading on first use lets a one-shot run encode its prompts, release the text encoder, and only then
+    load the transformer, so host memory holds one big model at a time. Configs are read from the files,
+    so nothing needs a model loaded to know its shapes.
+    """
+
+    NAMES = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+    def __init__(self, loaders: dict, configs: dict, scheduler_config: dict, dtype, device):
+        self._loaders = loaders
+        self._configs = configs
+        self.scheduler_config = scheduler_config
+        self.dtype = dtype
+        self.device = device
+        self.after_load: dict[str, list] = {}
+
+    def __getattr__(self, name):
+        if name not in Components.NAMES:
+            raise AttributeError(name)
+        loader = self.__dict__["_loaders"].get(name)
+        if loader is None:
+            return None
+        value = loader()
+        for fn in self.__dict__["after_load"].get(name, []):
+            fn(value)
+        self.__dict__[name] = value
+        return value
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self.__dict__
+
+    def release(self, *names: str) -> None:
+        """Drop loaded models (they load again if used again)."""
+        import gc
+
+        for n in names:
+            self.__dict__.pop(n, None)
+        gc.collect()
+
+    def config(self, name: str):
+        """A component's config with attribute access, without loading it."""
+        if self.is_loaded(name) and hasattr(self.__dict__[name], "config"):
+            return self.__dict__[name].config
+        return _namespace(self._configs.get(name, {}))
+
+
+def _namespace(d):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+# -- locating ---------------------------------------------------------------------------------------------
+def derive_spec(path: Path, name: str | None = None) -> ModelSpec:
+    """A ModelSpec for a diffusers-format directory, from model_index.json, the component configs and an
+    optional fluxlab.json of defaults."""
+    return _overrides(path, _derive_spec(path, name))
+
+
+def _derive_spec(path: Path, name: str | None = None) -> ModelSpec:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    index = read_json(index_file)
+    cls = index.get("_class_name", "?")
+    name = name or path.name
+    sizes = {
+        comp: round(sum(f.stat().st_size for f in (path / comp).glob("*.safetensors")) / 1e9, 3)
+        for comp in ("transformer", "text_encoder", "text_encoder_2", "vae")
+        if (path / comp).is_dir()
+    }
+    common = dict(name=name, repo=str(path), license="see the model's files", gated=False, sizes_gb=sizes)
+    if cls in FLUX2_PIPELINES:
+        if cls == "Flux2Pipeline":
+            mode, steps, guidance, enc = "embedded", 50, 4.0, "Mistral3"
+        elif index.get("is_distilled", cls == "Flux2KleinKVPipeline"):  # the KV pipeline defaults to distilled
+            mode, steps, guidance, enc = "none", 4, 1.0, "Qwen3"
+        else:
+            mode, steps, guidance, enc = "cfg", 50, 4.0, "Qwen3"
+        return ModelSpec(family="flux2", description=f"local {cls}", steps=steps, guidance=guidance,
+                         guidance_mode=mode, max_sequence_length=512, text_encoder=enc,
+                         schedule="FLUX.2 empirical mu", max_references=10 if enc == "Mistral3" else 4,
+                         kv_references=cls == "Flux2KleinKVPipeline", **common)
+    if cls in FLUX1_PIPELINES:
+        tcfg = read_json(path / "transformer" / "config.json")
+        kontext, fill = cls == "FluxKontextPipeline", cls == "FluxFillPipeline"
+        if kontext:
+            mode, steps, guidance, seq = "embedded", 28, 2.5, 512
+        elif fill:
+            mode, steps, guidance, seq = "embedded", 50, 30.0, 512
+        elif tcfg.get("guidance_embeds", False):
+            mode, steps, guidance, seq = "embedded", 28, 3.5, 512
+        else:
+            mode, steps, guidance, seq = "none", 4, 0.0, 256
+        return ModelSpec(family="flux1", description=f"local {cls}", steps=steps, guidance=guidance,
+                         guidance_mode=mode, max_sequence_length=seq, text_encoder="T5 + CLIP",
+                         schedule="from scheduler_config.json", max_references=1 if kontext else 0, fill=fill,
+                         **common)
+    supported = ", ".join(sorted(FLUX2_PIPELINES | FLUX1_PIPELINES))
+    raise UserError(f"{path} holds a {cls} pipeline, not a supported FLUX pipeline (supported: {supported})")
+
+
+
+
+def _overrides(path: Path, spec: ModelSpec) -> ModelSpec:
+    """Apply a directory's fluxlab.json (written by fluxlab for models it builds, such as the demo)."""
+    f = path / "fluxlab.json"
+    if not f.is_file():
+        return spec
+    data = read_json(f)
+    unknown = sorted(set(data) - set(OVERRIDABLE))
+    if unknown:
+        raise UserError(f"{f}: unknown keys {', '.join(unknown)}; valid: {', '.join(OVERRIDABLE)}")
+    if "default_size" in data:
+        data["default_size"] = tuple(data["default_size"])
+    return replace(spec, **data)
+
+
+def locate(model: str) -> ModelSource:
+    """Resolve a -m value: a catalog name, a local directory, or a hub repo id."""
+    if model in CATALOG:
+        spec = CATALOG[model]
+        if spec.bundled:
+            path = bundled_path(spec)
+            if not (path / "model_index.json").is_file():
+                raise UserError(f"the bundled {spec.name} model is missing from this install ({path}); rebuild it "
+                                f"with: python -m fluxlab.demo.build")
+            return ModelSource(spec, path, spec.name)
+        return ModelSource(spec, None, spec.name, repo=spec.repo)
+    p = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or p.exists() or (os.sep in model and not HUB_REPO.match(model))
+    if looks_like_path:
+        if not p.exists():
+            raise UserError(f"model directory {model} does not exist")
+        if not p.is_dir():
+            raise UserError(f"model {model} is a file, not a pipeline directory (a single-file transformer goes "
+                            f"in --transformer, over a base model given with -m)")
+        p = p.resolve()
+        return ModelSource(derive_spec(p), p, str(p))
+    if HUB_REPO.match(model):
+        return ModelSource(None, None, model, repo=model)
+    raise UserError(
+        f"unknown model {model!r}{did_you_mean(model, CATALOG)}; valid names: {', '.join(CATALOG)}"
+        " (or a local directory, or a hub repo id org/name)"
+    )
+
+
+def fetch(source: ModelSource, revision: str | None = None) -> ModelSource:
+    """Make sure a hub model's files are local (download if allowed), and derive its real spec from them."""
+    if source.path is not None:
+        if revision is not None:
+            raise UserError(f"a revision ({revision}) only applies to hub models; {source.label} is local")
+        return source
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    repo = source.repo
+    get = f"hf download {repo} --exclude '*.bin' '*.pth' '*.gguf'"
+    try:
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=["model_index.json", "*/*"],
+                                      ignore_patterns=["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx*"]))
+    except GatedRepoError:
+        raise UserError(
+            f"{repo} is gated (HTTP 403): accept its license at https://huggingface.co/{repo}, create a read token "
+            f"at https://huggingface.co/settings/tokens, run `hf auth login`, then `{get}`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"hub repo {repo} does not exist or is private; check the name, or run `hf auth login` "
+                        f"if it is yours") from None
+    except LocalEntryNotFoundError:
+        gated = source.spec is not None and source.spec.gated
+        pre = f"accept the license at https://huggingface.co/{repo}, run `hf auth login`, then " if gated else ""
+        raise UserError(
+            f"the weights of {source.label} ({repo}) are not in the local cache and the hub cannot be reached "
+            f"(offline); to get them: {pre}`{get}` on a connected machine (or copy its cache folder here), "
+            f"or pass a local diffusers directory with -m ./DIR"
+        ) from None
+    except HfHubHTTPError as e:
+        raise UserError(f"downloading {repo} failed: {e}") from None
+    derived = derive_spec(path, name=source.label)
+    spec = source.spec or derived
+    if spec.family != derived.family:
+        raise UserError(f"{repo} holds a {derived.family} pipeline, but the catalog says {spec.family}")
+    return replace(source, spec=spec, path=path)
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+# FLUX.2 encoders: the class to load instead (the bare decoder: no LM head, no vision tower's head).
+LEAN_ENCODERS = {"Qwen3ForCausalLM": "Qwen3Model", "Qwen3Model": "Qwen3Model",
+                 "Mistral3ForConditionalGeneration": "Mistral3Model"}
+
+
+def load_lean_encoder(folder: Path, cls: str, dtype):
+    """A FLUX.2 text encoder cut after the deepest layer FLUX.2 reads (3L/4 of L), without its LM head.
+
+    FLUX.2 stacks the hidden states after layers L/4, L/2 and 3L/4; the rest of the network (a quarter of
+    the layers and the vocabulary projection) never influences the embeddings. The decoder's final norm is
+    made the identity, because a model cut at layer k would otherwise normalise the state it returns as
+    hidden_states[k], which the full model leaves unnormalised.
+    """
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    text_cfg = getattr(cfg, "text_config", cfg)
+    layers = text_encoder_layers(text_cfg.num_hidden_layers)
+    text_cfg.num_hidden_layers = max(layers)
+    model = getattr(transformers, LEAN_ENCODERS[cls]).from_pretrained(folder, config=cfg, dtype=dtype,
+                                                                     use_safetensors=True)
+    decoder = getattr(model, "language_model", model)
+    decoder.norm = torch.nn.Identity()
+    return model.eval()
+
+
+def _component(path: Path, name: str, index: dict, dtype, lean: bool = True):
+    lib, cls = index[name]
+    folder = path / name
+    if not folder.is_dir():
+        raise UserError(f"{path} is missing the {name}/ folder that its model_index.json lists")
+    if lean and name == "text_encoder" and cls in LEAN_ENCODERS and index.get("_class_name") in FLUX2_PIPELINES:
+        check_safetensors(folder.glob("*.safetensors"))
+        return load_lean_encoder(folder, cls, dtype)
+    if cls in DIFFUSERS_CLASSES:
+        check_safetensors(folder.glob("*.safetensors"))
+        import diffusers
+
+        return getattr(diffusers, cls).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
+    if cls in TRANSFORMERS_CLASSES:
+        check_safetensors(folder.glob("*.safetensors"))
+        import transformers
+
+        return getattr(transformers, cls).from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
+    if name.startswith("tokenizer"):
+        import transformers
+
+        if cls.endswith("Processor"):
+            return transformers.AutoProcessor.from_pretrained(folder)
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    raise UserError(f"{folder} has component class {lib}.{cls}, which fluxlab does not load")
+
+
+def quiet_libraries() -> None:
+    """Silence what the libraries print that users cannot act on: per-file loading progress bars, torchao's
+    notes about optional CUDA kernels missing on a CPU-only machine, torch's deprecation chatter. Must run
+    before diffusers is first imported (some of it is printed at import)."""
+    import logging
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("torch.utils._pytree", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """A component whose config asks for code shipped with the model (`auto_map`, custom classes) is refused:
+    fluxlab loads weights and configs, never a model's own Python files."""
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        f = folder / name
+        if f.is_file():
+            data = read_json(f)
+            if isinstance(data, dict) and (data.get("auto_map") or data.get("trust_remote_code")):
+                raise UserError(f"{f} asks to run code shipped with the model (auto_map); fluxlab never runs code "
+                                f"from a model folder")
+
+
+def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True
+                    ) -> Components:
+    """A pipeline's parts, loaded on first use onto `device`. Files are checked now (headers only), so a
+    corrupt or missing file is reported before any work starts. `lean` cuts FLUX.2 text encoders after the
+    deepest layer used (see load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
+    quiet_libraries()
+    index = read_json(path / "model_index.json")
+    needed = ["transformer", "vae", "text_encoder", "tokenizer"]
+    if index.get("_class_name") in FLUX1_PIPELINES:
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [n for n in needed if n not in index]
+    if missing:
+        raise UserError(f"{path}/model_index.json lacks the component(s) {', '.join(missing)}")
+    configs = {}
+    for n in needed:
+        folder = path / n
+        if not folder.is_dir():
+            raise UserError(f"{path} is missing the {n}/ folder that its model_index.json lists")
+        refuse_remote_code(folder)
+        if not n.startswith("tokenizer"):
+            check_safetensors(folder.glob("*.safetensors"))
+            configs[n] = read_json(folder / "config.json")
+    if transformer_file:
+        from .singlefile import check_transformer_file
+
+        check_transformer_file(transformer_file)
+
+    def loader(name):
+        def load():
+            if name == "transformer" and transformer_file:
+                from .singlefile import load_transformer_file
+
+                m = load_transformer_file(transformer_file, path / "transformer", dtype)
+            else:
+                m = _component(path, name, index, dtype, lean)
+            if hasattr(m, "to") and not name.startswith("tokenizer"):
+                m.to(device)
+                m.requires_grad_(False)
+            return m
+        return load
+
+    sched = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(sched) if sched.is_file() else {}
+    return Components({n: loader(n) for n in needed}, configs, scheduler_config, dtype, device)

@@ -1,0 +1,94 @@
+"""Weight quantization of the transformer and text encoders: int8 (torchao), fp8 (torchao), nf4 (bitsandbytes).
+
+int8 weight-only runs everywhere, the CPU included: weights are stored as int8 with a per-channel scale and
+dequantized inside the matmul, halving their memory against bf16. fp8 needs an NVIDIA GPU of compute
+capability 8.9 or newer (Ada, Hopper); nf4 needs CUDA and bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import UserError
+
+MODES = ("int8", "fp8", "nf4")
+
+
+def supported_modes(device) -> list[str]:
+    """The quantization modes this device can run."""
+    modes = ["int8"]
+    if device.type == "cuda":
+        import torch
+
+        if torch.cuda.get_device_capability(device) >= (8, 9):
+            modes.append("fp8")
+        try:
+            import bitsandbytes  # noqa: F401
+
+            modes.append("nf4")
+        except ImportError:
+            pass
+    return modes
+
+
+def _torchao():
+    # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only machine.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    import torchao.quantization as q
+
+    return q
+
+
+QUANTIZED = ("transformer", "text_encoder", "text_encoder_2")
+
+
+def quantize_on_load(components, mode: str, device, notify=None) -> None:
+    """Quantize the transformer's and text encoders' Linear weights as each is loaded."""
+    if mode not in MODES:
+        raise UserError(f"unknown quantization {mode!r}; valid: {', '.join(MODES)}")
+    ok = supported_modes(device)
+    if mode not in ok:
+        raise UserError(f"--quantize {mode} is not supported on {device.type}; this device supports: {', '.join(ok)}")
+
+    def hook(name):
+        def run(model):
+            quantize_model(model, mode, device)
+            if notify is not None:
+                notify(f"quantized {name} to {mode}")
+        return run
+
+    for name in QUANTIZED:
+        components.after_load.setdefault(name, []).append(hook(name))
+
+
+def quantize_model(model, mode: str, device) -> None:
+    """Quantize one model's Linear weights in place."""
+    if mode == "nf4":
+        _nf4(model, device)
+        return
+    q = _torchao()
+    q.quantize_(model, q.Int8WeightOnlyConfig() if mode == "int8" else q.Float8WeightOnlyConfig())
+
+
+def _nf4(model, device) -> None:
+    """Replace Linear layers by bitsandbytes 4-bit NF4 layers (CUDA only)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=child.weight.dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = child.bias
+                setattr(parent, child_name, q.to(device))
+
+
+def param_bytes(p) -> int:
+    """Bytes a parameter really takes: quantized tensor subclasses report their inner tensors."""
+    if hasattr(p, "__tensor_flatten__"):
+        names = p.__tensor_flatten__()[0]
+        return sum(getattr(p, n).numel() * getattr(p, n).element_size() for n in names)
+    return p.numel() * p.element_size()
