@@ -10,7 +10,11 @@ import difflib
 
 
 class UserError(ValueError):
-    """Bad input from the user: a value, a file, a model name. The message is one actionable line."""
+    """Bad input from the user: a value, a file, a model name. The message is one actionable line (a library's
+    multi-line text inside it is joined into that line)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
 
 
 def did_you_mean(value: str, choices) -> str:

@@ -1,11 +1,29 @@
 #!/usr/bin/env sh
-# Create .venv with a CPU build of torch and fluxlab installed in editable mode.
-# torch is installed first and pinned: with no torch present, pip would otherwise resolve the
-# plain `torch` requirement to the newest build with several GB of CUDA packages.
+# Create .venv with a CPU build of torch and fluxlab installed in editable mode; with --test, also what the test
+# suite needs. A second run with nothing changed is quiet and returns at once.
+#
+# torch is installed first and pinned: with no torch present, pip would otherwise resolve the plain `torch`
+# requirement to the newest build with several GB of CUDA packages.
 set -eu
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==${FLUXLAB_TORCH:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+EXTRAS=""
+[ "${1:-}" = "--test" ] && EXTRAS="[test]"
+TORCH="${FLUXLAB_TORCH:-2.13.0}"
+STAMP=.venv/.fluxlab-setup
+WANT="$(cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1) torch=$TORCH extras=$EXTRAS"
+if [ -x .venv/bin/python ] && [ -f "$STAMP" ] && grep -qxF "$WANT" "$STAMP" \
+    && .venv/bin/python -c "import fluxlab, importlib.metadata as m; m.version('torch')" 2>/dev/null; then
+  exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+fi
+# pip's and the build backend's notes go to a log, shown only when something fails.
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >.venv/pip.log 2>&1 \
+  || { cat .venv/pip.log >&2; exit 1; }; }
+.venv/bin/python -c "import torch" 2>/dev/null || pip_install "torch==$TORCH"
+pip_install -e ".$EXTRAS"
+[ -z "$EXTRAS" ] || [ -x /usr/bin/chromium ] || scripts/browser.sh
+echo "$WANT" >> "$STAMP"

@@ -40,3 +40,9 @@ def tiny_pipes(tiny_dirs):
     import fluxlab
 
     return {k: fluxlab.load(str(p), device="cpu", dtype="fp32", notify=lambda m: None) for k, p in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_config(tmp_path_factory):
+    """Tests never read or write the user's presets, templates or hardware profile."""
+    os.environ.setdefault("FLUXLAB_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))

@@ -378,3 +378,43 @@ def test_num_repeats_weights_a_dataset(tiny_dirs, tmp_path):
     t.setup()
     epoch = [i for b in t._batches(0) for i in b]
     assert sorted(epoch) == [0] * 6 + [1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dirs, tmp_path_factory):
+    """The LoRA of a 30-step run that nothing interrupted."""
+    from fluxlab.service.train import train
+    from fluxlab.spec.trainconfig import load_yaml
+
+    cfg = small_config(tmp_path_factory.mktemp("reference"), tiny_dirs["flux2-klein"], steps=30, save_every=2)
+    return final_lora(train(load_yaml(cfg)).run_dir)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_at_a_random_moment_resumes_exactly_and_leaves_no_temp_files(tiny_dirs, tmp_path, capsys, seed,
+                                                                             uninterrupted):
+    """Killed at a moment drawn from `seed` (loading, training, or in the middle of writing a checkpoint), then
+    resumed (or, killed before its first checkpoint, started again): the result equals an uninterrupted run and no
+    temp file is left in the run folder."""
+    import random
+
+    reference = uninterrupted
+    cfg = small_config(tmp_path / "k", tiny_dirs["flux2-klein"], steps=30, save_every=2)
+    run_dir = tmp_path / "k" / "output" / "flux_character_lora"
+    proc = subprocess.Popen([sys.executable, "-m", "fluxlab", "train", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    started = time.time()
+    while time.time() - started < 60 and not (run_dir / "loss.csv").exists():
+        time.sleep(0.01)  # training has begun; now die at a random moment of it
+    time.sleep(random.Random(seed).uniform(0.0, 2.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumable = (run_dir / "state" / "state.safetensors").is_file()
+    code, _, err = run(capsys, "train", *(["--resume", run_dir] if resumable else [cfg]))
+    assert code == 0, err
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+    got = final_lora(run_dir)
+    assert set(got) == set(reference)
+    assert max((got[k].float() - reference[k].float()).abs().max().item() for k in got) <= 1e-6
+    steps = [int(r["step"]) for r in csv.DictReader((run_dir / "loss.csv").open())]
+    assert steps == list(range(1, 31))

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry: one line and exit 2 for user errors, 130 on Ctrl-C, never a traceback for those."""
     from ..service.events import Cancelled
 
+    for console in (out, err):  # into a file or a pipe, tables keep every name and number whole
+        if not console.is_terminal:
+            console.width = max(console.width, 200)
     try:
         # Without standalone mode typer returns the exit code (130 after Ctrl-C) instead of exiting.
         code = app(args=argv, standalone_mode=False)
@@ -52,13 +55,30 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "NoArgsIsHelpError":
             e.show()
             return 0
-        err.print("[red]error:[/red] " + escape(" ".join(e.format_message().split("\n"))))
+        message = " ".join(e.format_message().split("\n"))
+        given = _given_value(e, sys.argv[1:] if argv is None else argv)
+        if given is not None and repr(given) not in message:
+            message += f" (got {given!r})"
+        err.print("[red]error:[/red] " + escape(message))
         return 2
     except (KeyboardInterrupt, typer.Abort, Cancelled):
         err.print("interrupted")
         return 130
     except typer.Exit as e:
         return e.exit_code
+
+
+def _given_value(e, argv) -> str | None:
+    """The value the user gave for the option a usage error is about (click's message does not always say)."""
+    opts = getattr(getattr(e, "param", None), "opts", None) or []
+    args = [str(a) for a in argv]
+    for i, a in enumerate(args):
+        for opt in opts:
+            if a == opt and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(opt + "="):
+                return a.split("=", 1)[1]
+    return None
 
 
 def run() -> None:

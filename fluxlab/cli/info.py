@@ -105,8 +105,10 @@ def bench(
                                 f"{spec.max_side}")
     pipe = load(model, device=device, dtype=dtype, notify=say, memory=memory, budget=budget)
     measure(pipe, min(size_list), 1, 1)  # warm-up: loads the models and fills caches; not reported
-    table = Table("size", "batch", "encode s", "denoise s", "decode s", "total s", "it/s", "peak host GB",
-                  "peak device GB", title=f"{pipe.label} on {pipe.device}", title_justify="left")
+    table = Table(title=f"{pipe.label} on {pipe.device}", title_justify="left")
+    for name in ("size", "batch", "encode s", "denoise s", "decode s", "total s", "it/s", "peak host GB",
+                 "peak device GB"):
+        table.add_column(name, no_wrap=True)
 
     def row(m):
         s = m.seconds

@@ -31,8 +31,9 @@ def train(
 ):
     """Train a LoRA: from a YAML config, from a folder of images (--images), or --resume a run."""
     from ..service import events as ev
+    from ..service.train import one_line
     from ..service.train import train as run
-    from ..spec.trainconfig import load_yaml, one_line
+    from ..spec.trainconfig import load_yaml
 
     if resume:
         if config or images:
@@ -48,7 +49,7 @@ def train(
     elif images:
         if not trigger:
             raise UserError("one-line training needs --trigger WORD (what prompts will use to call the concept)")
-        job = one_line(images, trigger, steps, model, name, out_dir, resolution)
+        job = one_line(images, trigger, steps, model, name, out_dir, resolution, device)
     else:
         raise UserError("fluxlab train CONFIG.yaml, or fluxlab train --images DIR --trigger WORD, or --resume RUN")
     if resume and Path(resume).resolve() != (Path(job.process.training_folder) / job.config.name).resolve():

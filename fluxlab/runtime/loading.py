@@ -315,6 +315,21 @@ def refuse_remote_code(folder: Path) -> None:
                                 f"from a model folder")
 
 
+def check_model_files(path: Path) -> None:
+    """What load_components checks before building anything, callable before any weights load: the components
+    model_index.json lists exist, ship no code to run, and have readable safetensors headers."""
+    index = read_json(path / "model_index.json")
+    for name in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        if name not in index:
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise UserError(f"{path} is missing the {name}/ folder that its model_index.json lists")
+        refuse_remote_code(folder)
+        if not name.startswith("tokenizer"):
+            check_safetensors(folder.glob("*.safetensors"))
+
+
 def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True
                     ) -> Components:
     """A pipeline's parts, loaded on first use onto `device`. Files are checked now (headers only), so a

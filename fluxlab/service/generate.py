@@ -42,7 +42,7 @@ def as_ref(model: ModelRef | str) -> ModelRef:
 
 def prepare(request: GenerateRequest, model: ModelRef | str, runtime: Runtime | None = None) -> Prepared:
     """Resolve `request` for `model` (once), read its LoRAs and check the runtime, loading no weights."""
-    from ..runtime.loading import fetch, locate
+    from ..runtime.loading import check_model_files, fetch, locate
 
     ref, runtime = as_ref(model), runtime or Runtime()
     check_runtime(runtime, ref)
@@ -51,6 +51,7 @@ def prepare(request: GenerateRequest, model: ModelRef | str, runtime: Runtime | 
     source = fetch(source, ref.revision)
     if job is None:
         job = resolve(request, source.spec)
+    check_model_files(source.path)
     ref, loras = pin_files(ref, source)
     return Prepared(job, ref, runtime, source, loras)
 

@@ -25,6 +25,15 @@ class TrainResult:
     rank: int = 0
 
 
+def one_line(images: str, trigger: str, steps: int, model: str, name: str, out: str, resolution: int | None = None,
+             device: str | None = None) -> Job:
+    """The one-line training config (spec.trainconfig.one_line) for the device it will run on."""
+    from ..runtime.devices import resolve_device
+    from ..spec.trainconfig import one_line as config
+
+    return config(images, trigger, steps, model, name, out, resolution, device=resolve_device(device or "auto").type)
+
+
 def render_samples(model, requests: list, step: int, events=None) -> list[Path]:
     import torch
 
@@ -64,14 +73,22 @@ def train(config: Job, *, events=None, cancel: CancelToken | None = None, device
         eta = (time.perf_counter() - t0) / done * (steps - step) if done else None
         emit(events, TrainStep(step, steps, loss, lr, None if eta is None else round(eta, 1)))
 
+    if resume:
+        from ..files import inside
+        from ..train.checkpoint import check_state
+
+        check_state(inside(Path(config.process.training_folder), config.config.name, "config.name"))
     quiet_libraries()
     apply_threads(threads, notify)
     trainer = Trainer(config, notify=notify, device=device, on_step=on_step,
                       on_save=lambda step, path: emit(events, Saved(step, path)),
                       should_stop=(lambda: cancel.cancelled) if cancel is not None else None,
                       render_samples=lambda model, requests, step: render_samples(model, requests, step, events))
-    trainer.setup()
-    final = trainer.train(resume=resume)
+    try:
+        trainer.setup()
+        final = trainer.train(resume=resume)
+    finally:
+        trainer.close()
     stopped = trainer.stopped_at if trainer.stopped_at is not None and trainer.stopped_at < trainer.p.train.steps \
         else None
     return TrainResult(trainer.run_dir, None if stopped else final, stopped, trainer.rank)

@@ -108,7 +108,13 @@ def inspect(path: str | Path, what: str = "image", check_shape: bool = True) -> 
     im = open_image(p, what, data)
     w, h = im.size
     frames = getattr(im, "n_frames", 1)
-    im.close()
+    with guarded(what, path):
+        try:  # damage past a valid header is found now, before any weights load, not halfway through a run
+            im.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"{what} {path} is corrupt ({e})") from None
+        finally:
+            im.close()
     if check_shape and min(w, h) < MIN_SIDE:
         raise UserError(f"{what} {path} is {w}x{h}; both sides must be at least {MIN_SIDE} px")
     if check_shape and max(w / h, h / w) > MAX_ASPECT:

@@ -115,7 +115,7 @@ class Sample(Strict):
 
 class Process(Strict):
     type: Literal["sd_trainer"] = "sd_trainer"
-    training_folder: str = "output"
+    training_folder: str = "outputs/training"
     device: str = "auto"
     trigger_word: str | None = None
     network: Network = Network()
@@ -147,10 +147,14 @@ ALIASES = {"learning_rate": "lr", "rank": "linear", "alpha": "linear_alpha", "ne
 
 
 def parse(data: dict, source: str = "config") -> Job:
+    if not isinstance(data, dict):
+        raise UserError(f"{source} should hold a mapping with job: and config:, not a {type(data).__name__}")
     try:
         job = Job.model_validate(data)
     except ValidationError as e:
         raise UserError(f"{source}: {explain(e, Job, ALIASES)}") from None
+    except RecursionError:
+        raise UserError(f"{source} nests too deeply to be a training config") from None
     if len(job.config.process) != 1:
         raise UserError(f"{source}: config.process must hold exactly one sd_trainer process")
     from ..files import safe_name
@@ -159,14 +163,28 @@ def parse(data: dict, source: str = "config") -> Job:
     return job
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def load_yaml(path: str | Path) -> Job:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"training config {path} is a folder; give the YAML file")
     if not p.is_file():
         raise UserError(f"training config {path} does not exist")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"training config {path} is {p.stat().st_size // 1024} KB; a config is at most "
+                        f"{MAX_CONFIG_BYTES // 1024} KB")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    except RecursionError:
+        raise UserError(f"{path} nests too deeply to be a training config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -177,22 +195,27 @@ def load_yaml(path: str | Path) -> Job:
 
 
 def one_line(images: str, trigger: str, steps: int, model: str, name: str, out: str, resolution: int | None = None,
-             rank: int = 32) -> Job:
+             rank: int = 32, device: str = "cpu") -> Job:
     """The hosted-trainer flow (seed 003) with seed 004's recommended settings."""
     if resolution is None:  # the model's own size (64 for the demo model), 1024 for models outside the catalog
         from .catalog import CATALOG
 
         resolution = max(CATALOG[model].default_size) if model in CATALOG else 1024
+    optimizer = "adamw8bit" if device.startswith("cuda") else "adamw"
     return parse({
         "job": "extension",
         "config": {"name": name, "process": [{
             "type": "sd_trainer", "training_folder": out, "trigger_word": trigger,
             "network": {"type": "lora", "linear": rank, "linear_alpha": rank},
-            "save": {"dtype": "float16", "save_every": max(1, steps // 4), "max_step_saves_to_keep": 4},
+            # A checkpoint every quarter of the run, but not more often than every 250 steps: a short run keeps
+            # just its result (and the state to resume or extend it).
+            "save": {"dtype": "float16", "save_every": max(250, steps // 4), "max_step_saves_to_keep": 4},
             "datasets": [{"folder_path": images, "caption_ext": "txt", "caption_dropout_rate": 0.05,
                           "resolution": [resolution]}],
+            # 8-bit AdamW where it exists (bitsandbytes on CUDA); on other devices plain AdamW, without a notice
+            # about a choice the user never made.
             "train": {"batch_size": 1, "steps": steps, "gradient_accumulation_steps": 1,
-                      "gradient_checkpointing": True, "optimizer": "adamw8bit", "lr": 1e-4, "dtype": "bf16"},
+                      "gradient_checkpointing": True, "optimizer": optimizer, "lr": 1e-4, "dtype": "bf16"},
             "model": {"name_or_path": model},
         }]},
     }, "one-line training")

@@ -39,6 +39,29 @@ def save_state(run_dir: Path, step: int, params: dict, optimizer, ema: dict | No
     atomic_write(run_dir / STATE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+def check_state(run_dir: Path) -> None:
+    """A resume's state file, checked before anything loads: present, a whole safetensors file (its header's
+    tensors end where the file ends), and fluxlab's."""
+    import struct
+
+    f = run_dir / STATE
+    if not f.is_file():
+        raise UserError(f"{run_dir} has no saved training state to resume from ({STATE})")
+    try:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        info = json.loads(header["__metadata__"]["fluxlab.state"])
+        int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        reason = type(e).__name__
+        raise UserError(f"{f} is damaged or belongs to another run ({reason}); it cannot be resumed") from None
+    if f.stat().st_size != 8 + n + end:
+        raise UserError(f"{f} is damaged or belongs to another run (truncated: {f.stat().st_size} of "
+                        f"{8 + n + end} bytes); it cannot be resumed")
+
+
 def load_state(run_dir: Path, params: dict, optimizer, ema: dict | None, gen) -> tuple[int, dict | None]:
     """Restore the saved state; returns (the step it was saved after, the EMA weights). A damaged or mismatched
     state file is one line naming it."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..errors import UserError
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 MAX_ZIP_BYTES = 4 * 2**30
 MAX_ZIP_RATIO = 200
+MAX_ZIP_MEMBERS = 20_000
 REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -48,29 +50,61 @@ class Item:
         return self.captions[0]
 
 
+def check_archive(archive: Path, zf) -> list:
+    """Every member checked before anything is extracted: names that stay inside, no links, and the whole
+    archive's size, member count and compression ratio within bounds (a zip bomb can hide in many small members
+    as well as one large one)."""
+    infos = zf.infolist()
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise UserError(f"{archive} has {len(infos)} members; at most {MAX_ZIP_MEMBERS} are accepted")
+    total = packed = 0
+    for info in infos:
+        name = info.filename
+        if name.startswith(("/", "\\")) or ".." in Path(name.replace("\\", "/")).parts or re.match(r"^[A-Za-z]:", name):
+            raise UserError(f"{archive} has an unsafe member path {name!r} (absolute or with '..'); refusing it")
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise UserError(f"{archive} has a symbolic link {name!r}; refusing it")
+        if info.flag_bits & 0x1:
+            raise UserError(f"{archive} member {name!r} is encrypted; give an unencrypted zip")
+        total += info.file_size
+        packed += info.compress_size
+        if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 2**20:
+            raise UserError(f"{archive} member {name!r} expands {info.file_size // info.compress_size}x: "
+                            f"a zip bomb? refusing it")
+    if total > MAX_ZIP_BYTES:
+        raise UserError(f"{archive} would expand to {total / 2**30:.1f} GB, over the "
+                        f"{MAX_ZIP_BYTES // 2**30} GB limit")
+    if total > 8 * 2**20 and total > MAX_ZIP_RATIO * max(packed, 1):
+        raise UserError(f"{archive} would expand {total // max(packed, 1)}x ({total / 2**20:.0f} MB from "
+                        f"{packed / 2**20:.1f} MB): a zip bomb? refusing it")
+    return infos
+
+
 def safe_extract(archive: Path, dest: Path) -> Path:
-    """Extract a zip after checking every member; refuse traversal, links and bombs by name."""
+    """Extract a zip after checking every member; refuse traversal, links and bombs by name. Extraction goes to a
+    temp folder renamed into place when whole, so a damaged archive (a bad CRC) leaves nothing behind."""
+    import shutil
+    import tempfile
+
     try:
         zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile:
-        raise UserError(f"{archive} is not a readable zip file") from None
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{archive} is not a readable zip file ({e})") from None
     with zf:
-        total = 0
-        for info in zf.infolist():
-            name = info.filename
-            if name.startswith(("/", "\\")) or ".." in Path(name).parts or re.match(r"^[A-Za-z]:", name):
-                raise UserError(f"{archive} has an unsafe member path {name!r} (absolute or with '..'); refusing it")
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise UserError(f"{archive} has a symbolic link {name!r}; refusing it")
-            total += info.file_size
-            if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 2**20:
-                raise UserError(f"{archive} member {name!r} expands {info.file_size // info.compress_size}x: "
-                                f"a zip bomb? refusing it")
-        if total > MAX_ZIP_BYTES:
-            raise UserError(f"{archive} would expand to {total / 2**30:.1f} GB, over the "
-                            f"{MAX_ZIP_BYTES // 2**30} GB limit")
-        dest.mkdir(parents=True, exist_ok=True)
-        zf.extractall(dest)
+        check_archive(archive, zf)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        try:
+            zf.extractall(tmp)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{archive} is damaged ({e}); nothing was extracted") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if dest.is_dir():  # extracted before: replaced by this extraction, whole
+            shutil.rmtree(dest)
+        tmp.rename(dest)
     return dest
 
 
@@ -86,7 +120,7 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
          workdir: Path | None = None, control: str | Path | None = None,
          mask: str | Path | None = None, per_line: bool = False) -> list[Item]:
     """The dataset's items: images with captions, repeats and buckets. A zip is extracted into workdir."""
-    from PIL import Image
+    from ..spec.images import open_image
 
     root = Path(folder).expanduser()
     if not root.exists():
@@ -94,7 +128,7 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
     if root.is_file():
         if root.suffix.lower() != ".zip":
             raise UserError(f"dataset {folder} is a file; give a folder of images or a .zip of them")
-        root = safe_extract(root, (workdir or root.parent) / f"{root.stem}-extracted")
+        root = safe_extract(root, Path(workdir or root.parent) / f"{root.stem}-extracted")
     repeats = 1
     m = REPEATS.match(root.name)
     if m:
@@ -107,16 +141,20 @@ def scan(folder: str | Path, caption_ext: str, trigger: str | None, resolutions:
     items, bad, uncaptioned = [], [], 0
     for f in files:
         try:
-            with Image.open(f) as im:
-                im.verify()
-            with Image.open(f) as im:
-                w, h = im.size
+            im = open_image(f, "training image")  # the same header checks and pixel cap as every input
+            w, h = im.size
+            im.verify()
+        except UserError as e:
+            if "MP" in str(e) or "too large" in str(e):
+                raise  # a decompression bomb in a dataset is refused, not skipped
+            bad.append(f"{f.name} (unreadable)")
+            continue
         except Exception as e:
             bad.append(f"{f.name} ({type(e).__name__})")
             continue
         cap_file = f.with_suffix("." + caption_ext.lstrip("."))
         if cap_file.is_file():
-            caption = cap_file.read_text(encoding="utf-8", errors="replace").strip()
+            caption = cap_file.read_text(encoding="utf-8", errors="replace").replace("\0", "").strip()
         else:
             caption = "[trigger]" if trigger else ""
             uncaptioned += 1

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,10 +69,13 @@ class Trainer:
         p = self.p
         if not p.train.train_unet:
             raise UserError("train.train_unet is false and fluxlab trains the transformer only: nothing to train")
+        # Zipped datasets are extracted into a temp folder for the run (the latent cache keeps what training needs;
+        # a resume extracts again), removed by close(), so a refused dataset leaves nothing behind.
+        self.scratch = tempfile.TemporaryDirectory(prefix="fluxlab-datasets-")
         self.items, self.item_dataset = [], []  # each item, and the dataset settings it came with
         for d in p.datasets:
             found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
-                         workdir=self.run_dir / "datasets", control=d.control_path, mask=d.mask_path,
+                         workdir=Path(self.scratch.name), control=d.control_path, mask=d.mask_path,
                          per_line=d.caption_per_line)
             if d.num_repeats > 1:
                 found = [dataclasses.replace(it, repeats=it.repeats * d.num_repeats) for it in found]
@@ -106,6 +110,12 @@ class Trainer:
         self.optimizer = self._optimizer(list(self.params.values()))
         self.ema = {n: q.detach().clone() for n, q in self.params.items()} if p.train.ema_config.use_ema else None
         self.sampling = SamplingModel(self)
+
+    def close(self) -> None:
+        """Remove what the run extracted (zipped datasets)."""
+        scratch = getattr(self, "scratch", None)
+        if scratch is not None:
+            scratch.cleanup()
 
     @property
     def pipe(self):
