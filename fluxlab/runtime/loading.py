@@ -315,19 +315,25 @@ def refuse_remote_code(folder: Path) -> None:
                                 f"from a model folder")
 
 
-def check_model_files(path: Path) -> None:
-    """What load_components checks before building anything, callable before any weights load: the components
-    model_index.json lists exist, ship no code to run, and have readable safetensors headers."""
+def check_model_files(path: Path) -> tuple[dict, list[str]]:
+    """What must hold before anything is built (callable before any weights load): the components the pipeline
+    needs are listed and present, ship no code to run, and have readable safetensors headers. Returns the
+    model index and the needed component names."""
     index = read_json(path / "model_index.json")
-    for name in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        if name not in index:
-            continue
+    needed = ["transformer", "vae", "text_encoder", "tokenizer"]
+    if index.get("_class_name") in FLUX1_PIPELINES:
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [n for n in needed if n not in index]
+    if missing:
+        raise UserError(f"{path}/model_index.json lacks the component(s) {', '.join(missing)}")
+    for name in needed:
         folder = path / name
         if not folder.is_dir():
             raise UserError(f"{path} is missing the {name}/ folder that its model_index.json lists")
         refuse_remote_code(folder)
         if not name.startswith("tokenizer"):
             check_safetensors(folder.glob("*.safetensors"))
+    return index, needed
 
 
 def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True
@@ -336,22 +342,8 @@ def load_components(path: Path, dtype, device, transformer_file: str | None = No
     corrupt or missing file is reported before any work starts. `lean` cuts FLUX.2 text encoders after the
     deepest layer used (see load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
     quiet_libraries()
-    index = read_json(path / "model_index.json")
-    needed = ["transformer", "vae", "text_encoder", "tokenizer"]
-    if index.get("_class_name") in FLUX1_PIPELINES:
-        needed += ["text_encoder_2", "tokenizer_2"]
-    missing = [n for n in needed if n not in index]
-    if missing:
-        raise UserError(f"{path}/model_index.json lacks the component(s) {', '.join(missing)}")
-    configs = {}
-    for n in needed:
-        folder = path / n
-        if not folder.is_dir():
-            raise UserError(f"{path} is missing the {n}/ folder that its model_index.json lists")
-        refuse_remote_code(folder)
-        if not n.startswith("tokenizer"):
-            check_safetensors(folder.glob("*.safetensors"))
-            configs[n] = read_json(folder / "config.json")
+    index, needed = check_model_files(path)
+    configs = {n: read_json(path / n / "config.json") for n in needed if not n.startswith("tokenizer")}
     if transformer_file:
         from .singlefile import check_transformer_file
 
