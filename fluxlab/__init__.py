@@ -5,6 +5,8 @@
     result = pipe.generate(prompt="a lighthouse at dusk", seed=7)[0]
     pipe.save(result, "lighthouse.png")            # with its settings; result.image is a PIL image
 
+    client = fluxlab.Client("http://127.0.0.1:7860", token="...")   # a `fluxlab serve` server
+
 Importing this package loads no weights and imports no torch; `load` does that when called.
 """
 
@@ -20,4 +22,12 @@ def load(model, **options):
     return _load(model, **options)
 
 
-__all__ = ["__version__", "load"]
+def __getattr__(name: str):
+    if name == "Client":  # imported on first use: httpx is not needed to generate locally
+        from .client import Client
+
+        return Client
+    raise AttributeError(f"module 'fluxlab' has no attribute {name!r}")
+
+
+__all__ = ["Client", "__version__", "load"]

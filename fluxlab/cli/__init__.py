@@ -85,4 +85,4 @@ def run() -> None:
     sys.exit(main())
 
 
-from . import generate, grid, info, lora, presets, train  # noqa: E402, F401  (each registers its commands)
+from . import generate, grid, info, lora, presets, serve, train  # noqa: E402, F401  (each registers its commands)

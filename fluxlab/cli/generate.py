@@ -10,34 +10,12 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
+from ..spec.prompts import read_prompt_file
 from . import app, err, escape, out, say
 from .options import MODEL, REQUEST, RUNTIME, options
 
 Opt = typer.Option
 DEFAULT_MODEL = "flux2-klein-4b"
-
-
-def read_prompt_file(path: str) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are skipped."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"prompt file {path} is a folder, not a text file")
-    if not p.is_file():
-        raise UserError(f"prompt file {path} does not exist")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read prompt file {path} ({e.strerror or e})") from None
-    if b"\0" in data:
-        raise UserError(f"prompt file {path} contains NUL bytes; is it a text file (UTF-8)?")
-    try:
-        lines = data.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"prompt file {path} has no prompts (blank lines and # comments are skipped)")
-    return prompts
 
 
 def from_image(path: str, request: dict, model: dict, runtime: dict, name: str | None):
@@ -133,6 +111,9 @@ def generate(
     reproducible: Annotated[bool, Opt(help="Leave run timings out of the PNG: same request, same bytes.")] =
         False,
     quiet: Annotated[bool, Opt("-q", "--quiet", help="Print only the written paths.")] = False,
+    server: Annotated[str | None, Opt(help="Send the job to a `fluxlab serve` server at this URL instead of "
+                                           "running it here.")] = None,
+    token: Annotated[str | None, Opt(help="The server's token (default: $FLUXLAB_TOKEN).")] = None,
     **kw,
 ):
     """Generate images from a text prompt (or a prompt file)."""
@@ -165,6 +146,8 @@ def generate(
         raise UserError("no prompt given: fluxlab generate \"a prompt\" (or --prompt-file FILE, or --from IMAGE.png)")
     rt.update(release_encoders=True, preview_every=1 if previews else 0, preview_vae_every=preview_every)
     req = validate(GenerateRequest, request)
+    if server:
+        return remote(server, token, req, validate(ModelRef, ref, "model"), out_path, reproducible, quiet)
     model_ref = validate(ModelRef, ref, "model")
     runtime = validate(Runtime, rt, "runtime")
     target = FileOutput(out_path, reproducible)
@@ -185,6 +168,44 @@ def generate(
         from ..files import atomic_write
 
         atomic_write(Path(report), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def remote(url: str, token: str | None, req, ref, out_path: str | None, reproducible: bool, quiet: bool) -> None:
+    """The same request run by a server: inputs uploaded, outputs downloaded under the CLI's own names."""
+    import shutil
+    import tempfile
+
+    from ..client import Client
+    from ..service.outputs import FileOutput, read_record, save_png
+
+    target = FileOutput(out_path, reproducible)
+    fields = req.model_dump(exclude_none=True)
+    for key in ("init", "mask"):
+        if key in fields:
+            fields[key] = fields[key]["path"]
+    if "images" in fields:
+        fields["images"] = [x["path"] for x in fields["images"]]
+    if ref.loras:
+        fields["lora"] = [f"{lo.path}:{lo.scale}" for lo in ref.loras]
+    with Client(url, token) as client, tempfile.TemporaryDirectory() as tmp:
+        job = client.predict(ref.name, **fields)
+        if job["status"] != "succeeded":
+            raise UserError(f"the server's prediction {job['id']} {job['status']}: {job.get('error') or ''}".strip())
+        files = [client.download(u, Path(tmp) / f"{i}.png") for i, u in enumerate(job["output"] or [])]
+        records = [read_record(f) for f in files]
+        for f, rec, path in zip(files, records, target.check([r.seed for r in records]), strict=True):
+            if reproducible:
+                from PIL import Image
+
+                with Image.open(f) as im:
+                    save_png(im.copy(), path, rec.model_dump(mode="json", exclude_none=True,
+                                                             exclude={"timings"}))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, path)
+            r = rec.request
+            out.print(escape(str(path) if quiet else f"wrote {path}  (seed {r.seed}, {r.width}x{r.height}, "
+                                                      f"{r.steps} steps, on {url})"))
 
 
 def print_summary(summary: dict) -> None:

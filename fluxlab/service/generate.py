@@ -40,18 +40,25 @@ def as_ref(model: ModelRef | str) -> ModelRef:
     return model if isinstance(model, ModelRef) else model_ref(model)
 
 
-def prepare(request: GenerateRequest, model: ModelRef | str, runtime: Runtime | None = None) -> Prepared:
-    """Resolve `request` for `model` (once), read its LoRAs and check the runtime, loading no weights."""
+def prepare(request: GenerateRequest, model: ModelRef | str, runtime: Runtime | None = None,
+            check_files: bool = True) -> Prepared:
+    """Resolve `request` for `model` (once), read its LoRAs and check the runtime, loading no weights.
+
+    check_files=False (a server taking a job for its worker) skips what needs torch: the device check and reading
+    the LoRA files (their SHA-256 is already pinned); the worker's own prepare does both before it runs."""
     from ..runtime.loading import check_model_files, fetch, locate
 
     ref, runtime = as_ref(model), runtime or Runtime()
-    check_runtime(runtime, ref)
+    if check_files:
+        check_runtime(runtime, ref)
     source = locate(ref.name)
     job = resolve(request, source.spec) if source.spec is not None else None  # before any download
     source = fetch(source, ref.revision)
     if job is None:
         job = resolve(request, source.spec)
     check_model_files(source.path)
+    if not check_files:
+        return Prepared(job, ref, runtime, source, [])
     ref, loras = pin_files(ref, source)
     return Prepared(job, ref, runtime, source, loras)
 
@@ -254,3 +261,10 @@ def truncation_notices(model, job: Job) -> list[str]:
 def run_all(request, model=None, runtime=None, **kw) -> list:
     """generate(), collected."""
     return list(generate(request, model, runtime, **kw))
+
+
+def new_pool(budget: int | None = None, max_models: int | None = None):
+    """A pool that keeps models loaded across calls (front ends that serve many jobs hold one)."""
+    from ..runtime.pool import ModelPool
+
+    return ModelPool(budget=budget, max_models=max_models)

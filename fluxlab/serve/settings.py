@@ -1,0 +1,39 @@
+"""The server's settings: where its data lives, its limits, and the models it offers besides the catalog."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MB = 1024 * 1024
+
+
+def default_data() -> Path:
+    if os.environ.get("FLUXLAB_DATA"):
+        return Path(os.environ["FLUXLAB_DATA"])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "fluxlab"
+
+
+@dataclass
+class Settings:
+    data: Path = field(default_factory=default_data)
+    max_json_bytes: int = 1 * MB
+    max_image_bytes: int = 25 * MB
+    max_lora_bytes: int = 2048 * MB
+    max_zip_bytes: int = 1024 * MB
+    max_pending_per_token: int = 50
+    max_pending: int = 200
+    max_wait_s: float = 60.0
+    # Models offered besides the catalog: name -> a local diffusers folder (set by whoever runs the server; a
+    # client can only name them, never give a path).
+    models: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)  # Runtime fields for every job (device, memory, budget, threads)
+    max_models: int | None = None  # models the worker keeps loaded at once (None: as memory allows)
+    webhook_retries: int = 4
+    webhook_backoff_s: float = 0.5
+
+    def worker(self) -> dict:
+        """What the worker process is given (plain data: it is pickled across the process boundary)."""
+        return {**asdict(self), "data": str(self.data), "models": dict(self.models)}

@@ -1,0 +1,294 @@
+"""The server's durable state in one SQLite file: tokens, jobs, uploaded files, outputs and LoRAs.
+
+The standard sqlite3 module in WAL mode with synchronous=NORMAL (a committed job survives a kill -9 of the
+server; a power cut may lose the last transactions, never corrupt the file), a busy timeout, and a numbered
+migration table so a newer fluxlab upgrades an older data folder in place. One connection per thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from base64 import b32encode
+from pathlib import Path
+
+MIGRATIONS = [
+    # 1: the first layout.
+    """
+    CREATE TABLE tokens (name TEXT PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL, created_at REAL NOT NULL,
+                         revoked_at REAL);
+    CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, model TEXT NOT NULL,
+                       input TEXT NOT NULL, plan TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
+                       priority INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL, created_at REAL NOT NULL,
+                       dispatched_at REAL, started_at REAL, completed_at REAL, metrics TEXT NOT NULL DEFAULT '{}',
+                       output TEXT NOT NULL DEFAULT '[]', webhook TEXT, webhook_events TEXT,
+                       resume INTEGER NOT NULL DEFAULT 0);
+    CREATE INDEX jobs_queue ON jobs(status, priority DESC, seq);
+    CREATE INDEX jobs_owner ON jobs(owner, seq DESC);
+    CREATE TABLE files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, bytes INTEGER NOT NULL,
+                        sha256 TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, created_at REAL NOT NULL);
+    CREATE TABLE outputs (id TEXT PRIMARY KEY, job_id TEXT NOT NULL, owner TEXT NOT NULL, idx INTEGER NOT NULL,
+                          kind TEXT NOT NULL, path TEXT NOT NULL, seed INTEGER, created_at REAL NOT NULL,
+                          UNIQUE (job_id, kind, idx));
+    CREATE TABLE loras (name TEXT PRIMARY KEY, owner TEXT NOT NULL, job_id TEXT, path TEXT NOT NULL,
+                        sha256 TEXT NOT NULL, trigger TEXT, created_at REAL NOT NULL);
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class LimitReached(Exception):
+    """A queue limit is reached (the API answers 429)."""
+
+
+def new_id() -> str:
+    """26 lowercase base32 characters (128 random bits), the shape cog recommends for prediction ids."""
+    return b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, data: Path):
+        self.data = Path(data)
+        self.path = self.data / "fluxlab.db"
+        self._local = threading.local()
+        self._seq_lock = threading.Lock()
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+
+    # -- connections ------------------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def migrate(self) -> None:
+        db = self.db
+        db.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        done = {r[0] for r in db.execute("SELECT version FROM migrations")}
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, sql.split(";")):
+                    db.execute(statement)
+                db.execute("INSERT INTO migrations VALUES (?, ?)", (version, time.time()))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # -- settings -----------------------------------------------------------------------------------
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (key, value))
+
+    def secret(self) -> str:
+        """The webhook signing secret (created on first use, kept across restarts)."""
+        value = self.setting("webhook_secret")
+        if value is None:
+            from base64 import b64encode
+
+            value = "whsec_" + b64encode(secrets.token_bytes(24)).decode()
+            self.db.execute("INSERT OR IGNORE INTO settings VALUES ('webhook_secret', ?)", (value,))
+            value = self.setting("webhook_secret")
+        return value
+
+    # -- tokens -------------------------------------------------------------------------------------
+    def create_token(self, name: str, token: str | None = None) -> str:
+        token = token or "flx_" + secrets.token_urlsafe(32)
+        try:
+            self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, NULL)", (name, token_hash(token), time.time()))
+        except sqlite3.IntegrityError:
+            from ..errors import UserError
+
+            raise UserError(f"a token named {name!r} exists already; revoke it first or choose another name") from None
+        return token
+
+    def ensure_token(self, name: str, token: str) -> None:
+        """A token given by the environment (FLUXLAB_TOKEN): present once, under `name`."""
+        h = token_hash(token)
+        if not self.db.execute("SELECT 1 FROM tokens WHERE sha256 = ?", (h,)).fetchone():
+            self.db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, NULL)", (name, h, time.time()))
+
+    def tokens(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT name, created_at, revoked_at FROM tokens ORDER BY created_at")]
+
+    def active_tokens(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL").fetchone()[0]
+
+    def revoke(self, name: str) -> bool:
+        cur = self.db.execute("UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                              (time.time(), name))
+        return cur.rowcount > 0
+
+    def owner_of(self, token: str) -> str | None:
+        row = self.db.execute("SELECT name FROM tokens WHERE sha256 = ? AND revoked_at IS NULL",
+                              (token_hash(token),)).fetchone()
+        return row[0] if row else None
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def add_job(self, job_id: str, kind: str, owner: str, model: str, input: dict, plan: dict,
+                webhook: str | None, webhook_events: list | None, priority: int = 0,
+                limits: tuple[int, int] | None = None) -> dict | None:
+        """Insert a job (status starting). None if the id exists already (idempotent create). With `limits`
+        (pending per owner, pending in all), the count and the insert are one step: LimitReached when full."""
+        with self._seq_lock:
+            if limits is not None:
+                if self.pending_count(owner) >= limits[0]:
+                    raise LimitReached(f"this token has {limits[0]} pending jobs, the most allowed; wait for some "
+                                       f"to finish")
+                if self.pending_count() >= limits[1]:
+                    raise LimitReached(f"the queue holds {limits[1]} pending jobs, the most allowed")
+            seq = (self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0] or 0) + 1
+            try:
+                self.db.execute(
+                    "INSERT INTO jobs (id, kind, owner, model, input, plan, status, priority, seq, created_at, "
+                    "webhook, webhook_events) VALUES (?, ?, ?, ?, ?, ?, 'starting', ?, ?, ?, ?, ?)",
+                    (job_id, kind, owner, model, json.dumps(input), json.dumps(plan), priority, seq, time.time(),
+                     webhook, json.dumps(webhook_events) if webhook_events is not None else None))
+            except sqlite3.IntegrityError:
+                return None
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, owner: str, kind: str, before_seq: int | None, limit: int) -> list[dict]:
+        sql = "SELECT * FROM jobs WHERE owner = ? AND kind = ?"
+        args: list = [owner, kind]
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(before_seq)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        return [_job(r) for r in self.db.execute(sql, args)]
+
+    def pending(self) -> list[dict]:
+        return [_job(r) for r in self.db.execute(
+            "SELECT * FROM jobs WHERE status = 'starting' AND dispatched_at IS NULL ORDER BY priority DESC, seq")]
+
+    def pending_count(self, owner: str | None = None) -> int:
+        sql = "SELECT COUNT(*) FROM jobs WHERE status = 'starting'"
+        return self.db.execute(sql + (" AND owner = ?" if owner else ""), (owner,) if owner else ()).fetchone()[0]
+
+    def update(self, job_id: str, **fields) -> None:
+        for key in ("metrics", "output"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def finish(self, job_id: str, status: str, error: str | None = None, metrics: dict | None = None) -> bool:
+        """Mark a job terminal (once: a job already terminal is left as it is)."""
+        fields = {"status": status, "error": error, "completed_at": time.time()}
+        if metrics is not None:
+            fields["metrics"] = json.dumps(metrics)
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        cur = self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ? AND status NOT IN "
+                              "('succeeded', 'failed', 'canceled')", (*fields.values(), job_id))
+        return cur.rowcount > 0
+
+    def interrupt_running(self) -> list[str]:
+        """At start-up: jobs left processing (or dispatched) by a server that died are failed, never re-run."""
+        ids = [r[0] for r in self.db.execute(
+            "SELECT id FROM jobs WHERE status = 'processing' OR (status = 'starting' AND dispatched_at IS NOT NULL)")]
+        for job_id in ids:
+            self.finish(job_id, "failed", "interrupted")
+        return ids
+
+    def position(self, job: dict) -> int | None:
+        if job["status"] != "starting" or job.get("dispatched_at") is not None:
+            return None
+        return self.db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'starting' AND dispatched_at IS NULL AND "
+            "(priority > ? OR (priority = ? AND seq < ?))", (job["priority"], job["priority"], job["seq"])
+        ).fetchone()[0] + 1
+
+    # -- files, outputs, loras ------------------------------------------------------------------------
+    def add_file(self, owner: str, name: str, size: int, sha256: str, kind: str, path: str) -> dict:
+        file_id = "file_" + new_id()
+        self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (file_id, owner, name, size, sha256, kind, path, time.time()))
+        return self.file(file_id, owner)
+
+    def file(self, file_id: str, owner: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM files WHERE id = ? AND owner = ?", (file_id, owner)).fetchone()
+        return dict(row) if row else None
+
+    def add_output(self, job_id: str, owner: str, idx: int, kind: str, path: str, seed: int | None) -> dict:
+        row = self.db.execute("SELECT * FROM outputs WHERE job_id = ? AND kind = ? AND idx = ?",
+                              (job_id, kind, idx)).fetchone()
+        if row:  # the same output reported twice is one output
+            return dict(row)
+        out_id = "out_" + new_id()
+        self.db.execute("INSERT INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (out_id, job_id, owner, idx, kind, path, seed, time.time()))
+        return dict(self.db.execute("SELECT * FROM outputs WHERE id = ?", (out_id,)).fetchone())
+
+    def outputs(self, job_id: str, kind: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM outputs WHERE job_id = ?" + (" AND kind = ?" if kind else "") + " ORDER BY idx"
+        return [dict(r) for r in self.db.execute(sql, (job_id, kind) if kind else (job_id,))]
+
+    def output(self, out_id: str, owner: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM outputs WHERE id = ? AND owner = ?", (out_id, owner)).fetchone()
+        return dict(row) if row else None
+
+    def recent_outputs(self, owner: str, before: float | None, limit: int) -> list[dict]:
+        sql = "SELECT * FROM outputs WHERE owner = ? AND kind = 'image'"
+        args: list = [owner]
+        if before is not None:
+            sql += " AND created_at < ?"
+            args.append(before)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY created_at DESC, idx DESC LIMIT ?",
+                                                  (*args, limit))]
+
+    def delete_output(self, out_id: str, owner: str) -> dict | None:
+        row = self.output(out_id, owner)
+        if row:
+            self.db.execute("DELETE FROM outputs WHERE id = ?", (out_id,))
+        return row
+
+    def add_lora(self, name: str, owner: str, job_id: str | None, path: str, sha256: str, trigger: str | None):
+        self.db.execute("INSERT OR REPLACE INTO loras VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (name, owner, job_id, path, sha256, trigger, time.time()))
+
+    def lora(self, name: str, owner: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM loras WHERE (name = ? OR job_id = ?) AND owner = ?",
+                              (name, name, owner)).fetchone()
+        return dict(row) if row else None
+
+    def loras(self, owner: str) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM loras WHERE owner = ? ORDER BY created_at",
+                                                 (owner,))]
+
+
+def _job(row) -> dict:
+    job = dict(row)
+    for key in ("input", "plan", "metrics", "output"):
+        job[key] = json.loads(job[key]) if job.get(key) else ({} if key != "output" else [])
+    job["webhook_events"] = json.loads(job["webhook_events"]) if job.get("webhook_events") else None
+    return job

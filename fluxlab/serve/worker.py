@@ -1,0 +1,210 @@
+"""The worker process: it owns the model pool and runs one job at a time through the service layer.
+
+Started by the server (serve.broker) with the spawn method, so torch lives only here and the API process stays
+light and responsive. It reads commands (run a job, cancel a job, stop) and answers with small events (status,
+progress, preview JPEGs, outputs, done). Models stay loaded between jobs (the pool); a job's LoRAs are switched
+on the loaded base. It dies with the server (PR_SET_PDEATHSIG), so a killed server never leaves a worker behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+
+PROGRESS_EVERY_S = 0.25  # at most ~4 progress events a second
+PREVIEW_EVERY_S = 1.0  # a preview JPEG at most every second (previews must never slow a generation down)
+PREVIEW_SIDE = 256
+
+log = logging.getLogger("fluxlab.worker")
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def jpeg(image, side: int = PREVIEW_SIDE) -> bytes:
+    im = image.copy()
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+class JobOutput:
+    """Where a prediction's images go: <data>/outputs/<job id>/<index>-<seed>.png, written atomically."""
+
+    reproducible = False
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def check(self, seeds: list[int]) -> list[Path]:
+        from ..files import check_writable
+
+        check_writable(self.folder, "output folder")
+        return [self.folder / f"{i:03d}-{seed}.png" for i, seed in enumerate(seeds)]
+
+
+class Worker:
+    def __init__(self, commands, events, settings: dict):
+        from ..service.generate import new_pool
+
+        self.commands, self.events, self.settings = commands, events, settings
+        self.pool = new_pool(max_models=settings.get("max_models"))
+        self.jobs: queue.Queue = queue.Queue()
+        self.current: str | None = None
+        self.token = None
+
+    def send(self, job_id: str, event: str, **data) -> None:
+        if event == "done":
+            data["loaded"] = [m.ref.name for m in self.pool.loaded()]
+        self.events.put({"id": job_id, "type": event, **data})
+
+    def listen(self) -> None:
+        while True:
+            try:
+                cmd = self.commands.get()
+            except (EOFError, OSError):
+                os._exit(0)
+            if cmd["op"] == "run":
+                self.jobs.put(cmd["job"])
+            elif cmd["op"] == "cancel":
+                if cmd["id"] == self.current and self.token is not None:
+                    self.token.cancel("canceled")
+            elif cmd["op"] == "stop":
+                self.jobs.put(None)
+                return
+
+    def loop(self) -> None:
+        threading.Thread(target=self.listen, daemon=True).start()
+        self.events.put({"id": None, "type": "ready", "pid": os.getpid()})
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            self.run(job)
+
+    def run(self, job: dict) -> None:
+        from ..errors import UserError
+        from ..service.events import Cancelled, CancelToken
+
+        job_id = job["id"]
+        self.current, self.token = job_id, CancelToken()
+        t0 = time.perf_counter()
+        try:
+            metrics = self.train(job) if job["kind"] == "training" else self.predict(job)
+            metrics["total_time"] = round(time.perf_counter() - t0, 4)
+            self.send(job_id, "done", status="succeeded", error=None, metrics=metrics)
+        except Cancelled:
+            self.send(job_id, "done", status="canceled", error=None, metrics={})
+        except UserError as e:
+            self.send(job_id, "done", status="failed", error=str(e), metrics={})
+        except Exception as e:  # a bug or a device fault: the job fails, the worker lives on
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            self.send(job_id, "done", status="failed", error=f"internal error: {type(e).__name__}: {e}",
+                      metrics={})
+        finally:
+            self.current, self.token = None, None
+
+    # -- predictions ----------------------------------------------------------------------------------
+    def predict(self, job: dict) -> dict:
+        from ..service import events as ev
+        from ..service.generate import generate
+        from ..spec.request import GenerateRequest, ModelRef, Runtime
+
+        plan = job["plan"]
+        request = GenerateRequest.model_validate(plan["request"])
+        ref = ModelRef.model_validate(plan["model"])
+        runtime = Runtime.model_validate({**self.settings.get("runtime", {}), "preview_every": 1})
+        job_id = job["id"]
+        state = {"progress": 0.0, "preview": 0.0, "started": None, "load": 0.0, "summary": {}}
+
+        def events(e) -> None:
+            now = time.perf_counter()
+            if isinstance(e, ev.Loading):
+                self.send(job_id, "loading", model=e.model)
+            elif isinstance(e, ev.Started):
+                state["started"], state["load"] = now, e.load_seconds
+                self.send(job_id, "processing", load_time=e.load_seconds)
+            elif isinstance(e, ev.Step):
+                last = e.i == e.n
+                if last or now - state["progress"] >= PROGRESS_EVERY_S:
+                    state["progress"] = now
+                    self.send(job_id, "progress", step=e.i, total=e.n, eta_s=e.eta_s, image=e.done_images,
+                              images=e.total_images)
+            elif isinstance(e, ev.Preview):
+                if e.i == e.n or now - state["preview"] >= PREVIEW_EVERY_S:
+                    state["preview"] = now
+                    self.send(job_id, "preview", step=e.i, jpeg=jpeg(e.images[0]))
+            elif isinstance(e, ev.Image):
+                self.send(job_id, "output", kind="image", idx=e.index, path=str(e.path), seed=e.result.seed)
+            elif isinstance(e, ev.Finished):
+                state["summary"] = e.summary
+
+        for _ in generate(request, ref, runtime, events=events, cancel=self.token, pool=self.pool,
+                          out=JobOutput(Path(plan["out"]))):
+            pass
+        # load_time: all loading this job caused (components load on first use, so also during the run).
+        metrics = {f"{k}_time": v for k, v in state["summary"].get("phases_s", {}).items()}
+        metrics["predict_time"] = round(time.perf_counter() - state["started"], 4) if state["started"] else None
+        return metrics
+
+    # -- trainings ------------------------------------------------------------------------------------
+    def train(self, job: dict) -> dict:
+        from ..service import events as ev
+        from ..service.train import train
+        from ..spec.trainconfig import parse
+
+        plan = job["plan"]
+        config = parse(plan["config"], "training config")
+        job_id = job["id"]
+        state = {"progress": 0.0, "started": time.perf_counter(), "samples": 0}
+        self.send(job_id, "processing", load_time=0.0)
+
+        def events(e) -> None:
+            now = time.perf_counter()
+            if isinstance(e, ev.TrainStep):
+                if e.step == e.steps or now - state["progress"] >= PROGRESS_EVERY_S:
+                    state["progress"] = now
+                    self.send(job_id, "progress", step=e.step, total=e.steps, eta_s=e.eta_s, loss=e.loss)
+            elif isinstance(e, ev.Samples):
+                for path in e.paths:
+                    self.send(job_id, "output", kind="sample", idx=state["samples"], path=str(path), seed=None,
+                              step=e.step)
+                    state["samples"] += 1
+            elif isinstance(e, ev.Saved):
+                self.send(job_id, "checkpoint", step=e.step, path=str(e.path))
+
+        # The pool's models are released first: a training run needs the memory, and loads its own.
+        self.pool.release()
+        result = train(config, events=events, cancel=self.token, device=self.settings.get("runtime", {}).get("device"),
+                       resume=bool(job.get("resume")))
+        if result.lora is None:
+            from ..service.events import Cancelled
+
+            raise Cancelled("canceled")
+        import hashlib
+
+        digest = hashlib.sha256(Path(result.lora).read_bytes()).hexdigest()
+        self.send(job_id, "lora", path=str(result.lora), sha256=digest)
+        return {"predict_time": round(time.perf_counter() - state["started"], 4)}
+
+
+def main(commands, events, settings: dict) -> None:
+    """The worker process's entry point (multiprocessing spawn target)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops the worker
+    logging.basicConfig(filename=str(Path(settings["data"]) / "worker.log"), level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    Worker(commands, events, settings).loop()
