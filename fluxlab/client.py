@@ -22,6 +22,7 @@ from pathlib import Path
 from .errors import UserError
 
 TERMINAL = ("succeeded", "failed", "canceled")
+PATHS = {"prediction": "predictions", "training": "trainings", "batch": "batches"}
 
 
 class Client:
@@ -101,10 +102,10 @@ class Client:
         return {"name": self._file_id(name), "scale": value}
 
     def get(self, job_id: str, kind: str = "prediction") -> dict:
-        return self._call("GET", f"/v1/{kind}s/{job_id}").json()
+        return self._call("GET", f"/v1/{PATHS[kind]}/{job_id}").json()
 
     def cancel(self, job_id: str, kind: str = "prediction") -> dict:
-        return self._call("POST", f"/v1/{kind}s/{job_id}/cancel").json()
+        return self._call("POST", f"/v1/{PATHS[kind]}/{job_id}/cancel").json()
 
     def wait(self, job_id: str, timeout: float | None = None, kind: str = "prediction") -> dict:
         """Poll until the job ends (or `timeout` seconds pass); returns the job object."""
@@ -123,7 +124,7 @@ class Client:
         while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
-                with self.http.stream("GET", f"/v1/{kind}s/{job_id}/stream", headers=headers,
+                with self.http.stream("GET", f"/v1/{PATHS[kind]}/{job_id}/stream", headers=headers,
                                       timeout=httpx.Timeout(60.0, read=None)) as r:
                     if r.status_code >= 400:
                         r.read()

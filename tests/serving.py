@@ -76,7 +76,8 @@ class Server:
     def wait(self, api: httpx.Client, job_id: str, kind: str = "prediction", timeout: float = 300) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            job = api.get(f"/v1/{kind}s/{job_id}").json()
+            path = {"prediction": "predictions", "training": "trainings", "batch": "batches"}[kind]
+            job = api.get(f"/v1/{path}/{job_id}").json()
             if job["status"] in ("succeeded", "failed", "canceled"):
                 return job
             time.sleep(0.1)

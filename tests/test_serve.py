@@ -443,6 +443,27 @@ def test_generate_sends_to_a_server(server, tmp_path, capsys):
     assert (tmp_path / "remote.png").read_bytes() == (tmp_path / "local.png").read_bytes()
 
 
+def test_a_batch_through_the_server_is_the_batch_command(api, server, tmp_path, capsys):
+    prompts = [PROMPT, "a blue square at the top on a black background"]
+    r = api.post("/v1/batches", json={"model": "demo", "prompts": prompts, "seeds": "0-1", "input": {"steps": 3}})
+    assert r.status_code == 201, r.text
+    events = sse(api, f"/v1/batches/{r.json()['id']}/stream")
+    counts = [e[1] for e in events if e[0] == "progress"]
+    assert counts[-1] == {"done": 4, "failed": 0, "total": 4}
+    job = server.wait(api, r.json()["id"], "batch")
+    assert job["status"] == "succeeded" and len(job["output"]) == 4
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    code, _, err = run(capsys, "batch", tmp_path / "p.txt", "-m", "demo", "--seeds", "0-1", "--steps", 3, "--out",
+                       tmp_path / "local")
+    assert code == 0, err
+    served = png(api, job["output"][3])
+    local = Image.open(tmp_path / "local" / "000003-1.png")
+    assert np.array_equal(np.asarray(served), np.asarray(local))
+    assert json.loads(served.text["fluxlab"]) == json.loads(local.text["fluxlab"])
+    bad = api.post("/v1/batches", json={"model": "demo", "prompts": [PROMPT], "input": {"width": 100}})
+    assert bad.status_code == 422 and "width 100 is not a multiple of 16" in bad.json()["detail"]
+
+
 def test_python_client(server, tmp_path):
     from fluxlab import Client
 

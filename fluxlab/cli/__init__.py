@@ -85,4 +85,4 @@ def run() -> None:
     sys.exit(main())
 
 
-from . import generate, grid, info, lora, presets, serve, train  # noqa: E402, F401  (each registers its commands)
+from . import batch, generate, grid, info, lora, presets, serve, train  # noqa: E402, F401  (each registers its commands)

@@ -102,6 +102,26 @@ class TrainingCreate(Body):
     priority: int = Field(0, ge=0, le=10)
 
 
+def _batch_input() -> type[BaseModel]:
+    fields = {name: (f.annotation, Field(f.default, description=f.description))
+              for name, f in PredictionInput.model_fields.items()
+              if name not in ("prompt", "seed", "seeds", "num_images", "images", "init", "mask")}
+    return create_model("BatchInput", __base__=Body, **fields)
+
+
+BatchInput = _batch_input()
+
+
+class BatchCreate(Body):
+    model: str = Field(min_length=1, max_length=512)
+    prompts: list[str] = Field(min_length=1, max_length=1000, description="One prompt per item group.")
+    seeds: str | list[int] = Field("0", description="Seeds for every prompt: '0-7', '1,5,9' or a list.")
+    input: BatchInput = Field(default_factory=lambda: BatchInput(), description="Settings every image shares.")
+    webhook: str | None = Field(None, pattern=r"^https?://", max_length=2048)
+    webhook_events_filter: list[WebhookEvent] | None = None
+    priority: int = Field(0, ge=0, le=10)
+
+
 class Job(BaseModel):
     id: str
     model: str
@@ -138,13 +158,16 @@ def iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+PATHS = {"prediction": "predictions", "training": "trainings", "batch": "batches"}
+
+
 def _kind_path(kind: str) -> str:
-    return "predictions" if kind == "prediction" else "trainings"
+    return PATHS[kind]
 
 
 def render(store: Store, broker, job: dict, base: str = "") -> dict:
     path = f"{base}/v1/{_kind_path(job['kind'])}/{job['id']}"
-    if job["kind"] == "prediction":
+    if job["kind"] in ("prediction", "batch"):
         output = [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], "image")] or None
     else:
         loras = store.outputs(job["id"], "lora")
@@ -498,6 +521,60 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     return
         finally:
             broker.unlisten(job_id, q)
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def batch_plan(body: BatchCreate, who: str, job_id: str) -> dict:
+        from ..batch import check
+        from ..batch.plan import BatchPlan, parse_seeds
+        from ..spec.request import LoraRef, ModelRef, Runtime
+        from ..spec.typed import validate
+
+        fields = body.input.model_dump(exclude_unset=True)
+        loras = []
+        for i, lo in enumerate(fields.pop("lora", None) or []):
+            row = store.lora(lo["name"], who) or store.file(lo["name"], who)
+            if row is None or row.get("kind", "lora") != "lora":
+                raise ApiError(422, f"input.lora[{i}].name: no LoRA named {lo['name']!r}")
+            loras.append(validate(LoraRef, {"path": row["path"], "scale": lo.get("scale", 1.0),
+                                            "sha256": row["sha256"]}, f"input.lora[{i}]"))
+        seeds = parse_seeds(body.seeds) if isinstance(body.seeds, str) else body.seeds
+        if not seeds or len(seeds) * len(body.prompts) > 10_000:
+            raise ApiError(422, f"seeds: {len(seeds)} seeds x {len(body.prompts)} prompts; a batch makes 1 to 10000 "
+                                f"images")
+        validate(GenerateRequest, {"prompt": "x", **fields}, "input")
+        plan = BatchPlan(ModelRef(name=model_name(body.model), loras=tuple(loras)),
+                         Runtime(**{**settings.runtime, "threads": settings.runtime.get("threads")}), fields,
+                         [{"prompt": p} for p in body.prompts], list(seeds), "api")
+        check(plan)
+        return {"batch": plan.to_json(), "out": str(settings.data / "batches" / job_id),
+                "images": len(plan.items())}
+
+    @app.post("/v1/batches", status_code=201, response_model=Job, responses=ERRORS, tags=["batches"])
+    async def create_batch(body: BatchCreate, who: Owner, request: Request,
+                           prefer: Annotated[str | None, Header()] = None):
+        """Queue a batch (prompts x seeds) run by the same code as `fluxlab batch`; progress counts images."""
+        from starlette.concurrency import run_in_threadpool
+
+        response = await run_in_threadpool(create, "batch", body, who, new_id(), batch_plan, request)
+        return await respond(response, "batch", prefer, request)
+
+    @app.get("/v1/batches/{batch_id}", response_model=Job, responses=ERRORS, tags=["batches"])
+    def get_batch(batch_id: str, who: Owner, request: Request):
+        return render(store, broker, own_job(batch_id, who, "batch"), base(request))
+
+    @app.post("/v1/batches/{batch_id}/cancel", response_model=Job, responses=ERRORS, tags=["batches"])
+    def cancel_batch(batch_id: str, who: Owner, request: Request):
+        job = own_job(batch_id, who, "batch")
+        broker.cancel(job["id"])
+        return render(store, broker, store.job(job["id"]), base(request))
+
+    @app.get("/v1/batches/{batch_id}/stream", response_class=EventSourceResponse, responses=ERRORS,
+             tags=["batches"])
+    async def stream_batch(batch_id: str, who: Owner, last_event_id: Annotated[str | None, Header()] = None):
+        """Server-Sent Events: status, progress {done, failed, total}, output (each image), done."""
+        own_job(batch_id, who, "batch")
+        async for event in stream(batch_id, last_event_id):
+            yield event
 
     # -- files and outputs ---------------------------------------------------------------------------------
     @app.post("/v1/files", status_code=201, response_model=FileInfo, responses=ERRORS, tags=["files"])

@@ -103,7 +103,8 @@ class Worker:
         self.current, self.token = job_id, CancelToken()
         t0 = time.perf_counter()
         try:
-            metrics = self.train(job) if job["kind"] == "training" else self.predict(job)
+            run = {"training": self.train, "batch": self.batch}.get(job["kind"], self.predict)
+            metrics = run(job)
             metrics["total_time"] = round(time.perf_counter() - t0, 4)
             self.send(job_id, "done", status="succeeded", error=None, metrics=metrics)
         except Cancelled:
@@ -159,6 +160,32 @@ class Worker:
         metrics = {f"{k}_time": v for k, v in state["summary"].get("phases_s", {}).items()}
         metrics["predict_time"] = round(time.perf_counter() - state["started"], 4) if state["started"] else None
         return metrics
+
+    # -- batches --------------------------------------------------------------------------------------
+    def batch(self, job: dict) -> dict:
+        """A batch through the same code as `fluxlab batch` (the local engine, in this worker)."""
+        from .. import batch
+        from ..batch.plan import BatchPlan
+
+        plan = BatchPlan.from_json(job["plan"]["batch"])
+        job_id, out = job["id"], Path(job["plan"]["out"])
+        state = {"progress": 0.0, "started": time.perf_counter()}
+        self.send(job_id, "processing", load_time=0.0)
+
+        def row(r: dict, report) -> None:
+            if r["status"] == "done" and not r.get("skipped"):
+                self.send(job_id, "output", kind="image", idx=r["index"], path=str(out / r["file"]), seed=r["seed"])
+            now = time.perf_counter()
+            finished = report.done_before + report.made + report.failed + report.skipped
+            if finished == report.total or now - state["progress"] >= PROGRESS_EVERY_S:
+                state["progress"] = now
+                self.send(job_id, "progress", done=report.done_before + report.made + report.skipped,
+                          failed=report.failed, total=report.total)
+
+        self.pool.release()  # the batch runner holds its own pooled model
+        report = batch.run(plan, out, engine="local", on_row=row, cancel=self.token)
+        return {"predict_time": round(time.perf_counter() - state["started"], 4), "images": report.made,
+                "failed": report.failed, "images_per_s": round(report.images_per_s, 3)}
 
     # -- trainings ------------------------------------------------------------------------------------
     def train(self, job: dict) -> dict:
