@@ -9,7 +9,8 @@ from pathlib import Path
 import fluxlab
 
 ROOT = Path(fluxlab.__file__).parent
-ORDER = ["errors", "files", "spec", "core", "runtime", "train", "service", "client", "serve", "batch", "cli", "demo"]
+ORDER = ["errors", "files", "spec", "core", "runtime", "train", "service", "client", "batch", "serve", "web", "cli",
+         "demo"]
 TORCH_LIKE = {"torch", "diffusers", "transformers", "peft", "accelerate", "torchao", "safetensors", "numpy"}
 
 

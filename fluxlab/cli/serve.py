@@ -54,8 +54,8 @@ def serve(
     import uvicorn
 
     from ..files import safe_name
-    from ..serve.app import create_app
     from ..serve.settings import Settings
+    from ..web import create_site
 
     models = {}
     for item in model or []:
@@ -72,8 +72,9 @@ def serve(
     if store.active_tokens() == 0:
         say("no token exists yet: every route but /v1/health needs one; create one with `fluxlab token create NAME`")
     settings = Settings(data=store.data, models=models, runtime={"device": device}, max_models=max_models)
-    out.print(escape(f"fluxlab serving on http://{host}:{port} (data: {store.data}); API docs at /docs"))
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    out.print(escape(f"fluxlab serving on http://{host}:{port} (data: {store.data}): the page at /, the API at "
+                     f"/v1, its docs at /docs"))
+    uvicorn.run(create_site(settings), host=host, port=port, log_level="warning")
 
 
 @token_app.command("create")

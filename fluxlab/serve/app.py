@@ -31,6 +31,7 @@ from .settings import Settings
 from .store import TERMINAL, LimitReached, Store, new_id
 
 STATUS = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+SESSION_COOKIE = "fluxlab_session"
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
@@ -44,7 +45,8 @@ class Error(BaseModel):
 
 
 ERRORS: dict = {code: {"model": Error, "description": text} for code, text in [
-    (401, "missing or invalid token"), (404, "no such object for this token"), (409, "not possible now"),
+    (401, "missing or invalid token"), (403, "a cross-site request"), (404, "no such object for this token"),
+    (409, "not possible now"),
     (413, "too large"), (422, "invalid input"), (429, "too many pending jobs")]}
 
 
@@ -84,7 +86,8 @@ class PredictionCreate(Body):
 
 
 class TrainingInput(Body):
-    input_images: str = Field(description="The id of an uploaded zip of images (with .txt captions).")
+    input_images: str | list[str] = Field(description="The id of an uploaded zip of images (with .txt captions), "
+                                                      "or the ids of uploaded images.")
     trigger_word: str = Field(min_length=1, max_length=200)
     steps: int = Field(1000, ge=1, le=100_000)
     name: str | None = Field(None, description="The LoRA's name (default: the training's id).")
@@ -102,14 +105,15 @@ class TrainingCreate(Body):
     priority: int = Field(0, ge=0, le=10)
 
 
-def _batch_input() -> type[BaseModel]:
-    fields = {name: (f.annotation, Field(f.default, description=f.description))
-              for name, f in PredictionInput.model_fields.items()
-              if name not in ("prompt", "seed", "seeds", "num_images", "images", "init", "mask")}
-    return create_model("BatchInput", __base__=Body, **fields)
+def _shared_input(name: str, drop: tuple) -> type[BaseModel]:
+    """The prediction input without the fields a batch or grid sets itself."""
+    fields = {k: (f.annotation, Field(f.default, description=f.description))
+              for k, f in PredictionInput.model_fields.items() if k not in drop}
+    return create_model(name, __base__=Body, **fields)
 
 
-BatchInput = _batch_input()
+BatchInput = _shared_input("BatchInput", ("prompt", "seed", "seeds", "num_images", "images", "init", "mask"))
+GridInput = _shared_input("GridInput", ("prompt", "seeds", "num_images", "images", "init", "mask"))
 
 
 class BatchCreate(Body):
@@ -120,6 +124,17 @@ class BatchCreate(Body):
     webhook: str | None = Field(None, pattern=r"^https?://", max_length=2048)
     webhook_events_filter: list[WebhookEvent] | None = None
     priority: int = Field(0, ge=0, le=10)
+
+
+class GridCreate(Body):
+    model: str = Field(min_length=1, max_length=512)
+    prompt: str = Field(min_length=1, max_length=10_000)
+    x: str = Field(min_length=3, max_length=2000, description="Column axis FIELD=V1,V2,... e.g. steps=10,25,50.")
+    y: str | None = Field(None, max_length=2000, description="Row axis, e.g. guidance=3,7,12.")
+    input: GridInput = Field(default_factory=lambda: GridInput(), description="Settings every cell shares.")
+    priority: int = Field(0, ge=0, le=10)
+    webhook: str | None = Field(None, pattern=r"^https?://", max_length=2048)
+    webhook_events_filter: list[WebhookEvent] | None = None
 
 
 class Job(BaseModel):
@@ -154,11 +169,26 @@ class FileInfo(BaseModel):
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
+def check_origin(request: Request) -> None:
+    """A request riding on the page's session cookie must come from this server's own pages: its Origin (or
+    Referer) is this server. Other sites cannot make a browser act on a local server."""
+    from urllib.parse import urlsplit
+
+    origin = request.headers.get("origin")
+    if not origin and request.headers.get("referer"):
+        parts = urlsplit(request.headers["referer"])
+        origin = f"{parts.scheme}://{parts.netloc}"
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin != own:
+        raise ApiError(403, f"refused: a request from {origin or 'an unknown origin'} cannot act on this server "
+                            f"with its session")
+
+
 def iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-PATHS = {"prediction": "predictions", "training": "trainings", "batch": "batches"}
+PATHS = {"prediction": "predictions", "training": "trainings", "batch": "batches", "grid": "grids"}
 
 
 def _kind_path(kind: str) -> str:
@@ -169,6 +199,9 @@ def render(store: Store, broker, job: dict, base: str = "") -> dict:
     path = f"{base}/v1/{_kind_path(job['kind'])}/{job['id']}"
     if job["kind"] in ("prediction", "batch"):
         output = [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], "image")] or None
+    elif job["kind"] == "grid":
+        output = {kind: [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], kind)]
+                  for kind in ("cell", "sheet", "csv")}
     else:
         loras = store.outputs(job["id"], "lora")
         output = {"samples": [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], "sample")]}
@@ -263,9 +296,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             text += f" (got {str(given)[:60]!r})"
         return JSONResponse({"detail": text}, status_code=422)
 
-    def owner(authorization: Annotated[str | None, Header()] = None) -> str:
+    def owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+        """The token's owner: from `Authorization: Bearer`, or from the page's session cookie, in which case a
+        request that changes anything must come from this server's own pages (its Origin)."""
         scheme, _, token = (authorization or "").partition(" ")
         name = store.owner_of(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if name is None and authorization is None and request.cookies.get(SESSION_COOKIE):
+            name = store.session_owner(request.cookies[SESSION_COOKIE])
+            if name is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
+                check_origin(request)
         if name is None:
             raise ApiError(401, "missing or invalid token: send Authorization: Bearer <token> (create one with "
                                 "`fluxlab token create NAME`)", {"WWW-Authenticate": "Bearer"})
@@ -289,6 +328,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 f"and pass its id)")
         return f
 
+    def named_loras(items: list, who: str) -> list:
+        """input.lora entries ({name, scale}) as LoraRefs to the owner's trained or uploaded LoRA files."""
+        from ..spec.request import LoraRef
+        from ..spec.typed import validate
+
+        loras = []
+        for i, lo in enumerate(items):
+            row = store.lora(lo["name"], who) or store.file(lo["name"], who)
+            if row is None or row.get("kind", "lora") != "lora":
+                raise ApiError(422, f"input.lora[{i}].name: no LoRA, training or uploaded LoRA file named "
+                                    f"{lo['name']!r}")
+            loras.append(validate(LoraRef, {"path": row["path"], "scale": lo.get("scale", 1.0),
+                                            "sha256": row["sha256"]}, f"input.lora[{i}]"))
+        return loras
+
     def model_name(name: str) -> str:
         from ..spec.catalog import CATALOG
 
@@ -310,7 +364,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # -- predictions ---------------------------------------------------------------------------------------
     def prediction_plan(body: PredictionCreate, who: str, job_id: str) -> dict:
         from ..service.generate import prepare
-        from ..spec.request import LoraRef, ModelRef, Runtime
+        from ..spec.request import ModelRef, Runtime
         from ..spec.typed import validate
 
         fields = body.input.model_dump(exclude_unset=True)
@@ -322,17 +376,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if fields.get("images"):
             fields["images"] = [(lambda f: {"path": f["path"], "sha256": f["sha256"]})(
                 file_path(x, who, ("image",), f"input.images[{i}]")) for i, x in enumerate(fields["images"])]
-        refs = []
-        for i, lo in enumerate(loras):
-            row = store.lora(lo["name"], who)
-            if row is None:
-                f = store.file(lo["name"], who)
-                if f is None or f["kind"] != "lora":
-                    raise ApiError(422, f"input.lora[{i}].name: no LoRA, training or uploaded LoRA file named "
-                                        f"{lo['name']!r}")
-                row = {"path": f["path"], "sha256": f["sha256"]}
-            refs.append(validate(LoraRef, {"path": row["path"], "scale": lo.get("scale", 1.0), "sha256": row["sha256"]},
-                                 f"input.lora[{i}]"))
+        refs = named_loras(loras, who)
         request = validate(GenerateRequest, fields, "input")
         ref = ModelRef(name=model_name(body.model), loras=tuple(refs))
         prep = prepare(request, ref, Runtime(), check_files=False)
@@ -349,8 +393,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse(render(store, broker, existing, base(request)), status_code=200)
         check_limits(who)
         plan = plan_of(body, who, job_id)
+        given = body.input.model_dump(mode="json", exclude_unset=True)
+        for key in ("prompt", "prompts", "seeds", "x", "y"):  # a grid's or batch's own fields, kept with its input
+            if key in type(body).model_fields and getattr(body, key) is not None:
+                given[key] = getattr(body, key)
         try:
-            job = store.add_job(job_id, kind, who, body.model, body.input.model_dump(mode="json", exclude_unset=True),
+            job = store.add_job(job_id, kind, who, body.model, given,
                                 plan, body.webhook, body.webhook_events_filter, body.priority,
                                 limits=(settings.max_pending_per_token, settings.max_pending))
         except LimitReached as e:
@@ -437,7 +485,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from ..files import safe_name
 
         inp = body.input
-        archive = file_path(inp.input_images, who, ("zip", "image"), "input.input_images")
+        several = isinstance(inp.input_images, list)
+        ids = inp.input_images if several else [inp.input_images]
+        if not 1 <= len(ids) <= 1000:
+            raise ApiError(422, f"input.input_images: give 1 to 1000 file ids, not {len(ids)}")
+        files = [file_path(x, who, ("zip", "image"), f"input.input_images[{i}]" if several else "input.input_images")
+                 for i, x in enumerate(ids)]
+        if len(files) == 1 and files[0]["kind"] == "zip":
+            archive = files[0]
+        elif any(f["kind"] == "zip" for f in files):
+            raise ApiError(422, "input.input_images: give one zip, or images, not both")
+        else:
+            archive = {"path": str(gather_images(files, settings.data / "training-inputs" / job_id))}
         model = model_name(body.model)
         name = safe_name(inp.name, "input.name") if inp.name else job_id
         if inp.name and store.lora(name, who) is not None:
@@ -486,6 +545,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         broker.submitted()
         return render(store, broker, store.job(job["id"]), base(request))
 
+    @app.get("/v1/trainings/{training_id}/loss", responses=ERRORS, tags=["trainings"])
+    def training_loss(training_id: str, who: Owner) -> dict:
+        """The loss of every step so far (what a loss chart draws)."""
+        import csv
+
+        job = own_job(training_id, who, "training")
+        f = settings.data / "trainings" / job["id"] / "loss.csv"
+        rows = []
+        if f.is_file():
+            with open(f, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    with contextlib.suppress(KeyError, ValueError):
+                        rows.append({"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"])})
+        return {"steps": rows}
+
     @app.get("/v1/trainings/{training_id}/stream", response_class=EventSourceResponse, responses=ERRORS,
              tags=["trainings"])
     async def stream_training(training_id: str, who: Owner, last_event_id: Annotated[str | None, Header()] = None):
@@ -526,17 +600,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def batch_plan(body: BatchCreate, who: str, job_id: str) -> dict:
         from ..batch import check
         from ..batch.plan import BatchPlan, parse_seeds
-        from ..spec.request import LoraRef, ModelRef, Runtime
+        from ..spec.request import ModelRef, Runtime
         from ..spec.typed import validate
 
         fields = body.input.model_dump(exclude_unset=True)
-        loras = []
-        for i, lo in enumerate(fields.pop("lora", None) or []):
-            row = store.lora(lo["name"], who) or store.file(lo["name"], who)
-            if row is None or row.get("kind", "lora") != "lora":
-                raise ApiError(422, f"input.lora[{i}].name: no LoRA named {lo['name']!r}")
-            loras.append(validate(LoraRef, {"path": row["path"], "scale": lo.get("scale", 1.0),
-                                            "sha256": row["sha256"]}, f"input.lora[{i}]"))
+        loras = named_loras(fields.pop("lora", None) or [], who)
         seeds = parse_seeds(body.seeds) if isinstance(body.seeds, str) else body.seeds
         if not seeds or len(seeds) * len(body.prompts) > 10_000:
             raise ApiError(422, f"seeds: {len(seeds)} seeds x {len(body.prompts)} prompts; a batch makes 1 to 10000 "
@@ -576,6 +644,52 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async for event in stream(batch_id, last_event_id):
             yield event
 
+    # -- grids -----------------------------------------------------------------------------------------------
+    def grid_plan(body: GridCreate, who: str, job_id: str) -> dict:
+        from ..service.grid import check_axes, parse_axis, plan_cells, prepare_cells
+        from ..spec.request import ModelRef, Runtime
+
+        fields = body.input.model_dump(exclude_unset=True)
+        loras = named_loras(fields.pop("lora", None) or [], who)
+        x, y = parse_axis(body.x), parse_axis(body.y) if body.y else None
+        ref = ModelRef(name=model_name(body.model), loras=tuple(loras))
+        check_axes(x, y, ref)
+        fields.setdefault("seed", 0)
+        cells = plan_cells({"prompt": body.prompt, **fields}, x, y)
+        if len(cells) > 100:
+            raise ApiError(422, f"the grid has {len(cells)} cells; at most 100 through the server")
+        prepare_cells(cells, ref, Runtime(), check_files=False)  # every cell checked now, as the CLI checks them
+        return {"prompt": body.prompt, "x": body.x, "y": body.y, "base": fields,
+                "model": ref.model_dump(mode="json", exclude_none=True), "out": str(settings.data / "grids" / job_id),
+                "cells": len(cells)}
+
+    @app.post("/v1/grids", status_code=201, response_model=Job, responses=ERRORS, tags=["grids"])
+    async def create_grid(body: GridCreate, who: Owner, request: Request,
+                          prefer: Annotated[str | None, Header()] = None):
+        """A parameter grid (seed 000's exercise): every cell's image as it finishes, then the labelled contact
+        sheet and its CSV, all made by the same code as `fluxlab grid`."""
+        from starlette.concurrency import run_in_threadpool
+
+        response = await run_in_threadpool(create, "grid", body, who, new_id(), grid_plan, request)
+        return await respond(response, "grid", prefer, request)
+
+    @app.get("/v1/grids/{grid_id}", response_model=Job, responses=ERRORS, tags=["grids"])
+    def get_grid(grid_id: str, who: Owner, request: Request):
+        return render(store, broker, own_job(grid_id, who, "grid"), base(request))
+
+    @app.post("/v1/grids/{grid_id}/cancel", response_model=Job, responses=ERRORS, tags=["grids"])
+    def cancel_grid(grid_id: str, who: Owner, request: Request):
+        job = own_job(grid_id, who, "grid")
+        broker.cancel(job["id"])
+        return render(store, broker, store.job(job["id"]), base(request))
+
+    @app.get("/v1/grids/{grid_id}/stream", response_class=EventSourceResponse, responses=ERRORS, tags=["grids"])
+    async def stream_grid(grid_id: str, who: Owner, last_event_id: Annotated[str | None, Header()] = None):
+        """Server-Sent Events: progress {done, total}, output (each cell, then the sheet and the CSV), done."""
+        own_job(grid_id, who, "grid")
+        async for event in stream(grid_id, last_event_id):
+            yield event
+
     # -- files and outputs ---------------------------------------------------------------------------------
     @app.post("/v1/files", status_code=201, response_model=FileInfo, responses=ERRORS, tags=["files"])
     def upload(file: Annotated[UploadFile, File(description="An image (PNG, JPEG, WebP), a zip or a LoRA")],
@@ -590,8 +704,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(404, f"no file {file_id!r}")
         return file_info(f)
 
+    @app.get("/v1/outputs", responses=ERRORS, tags=["outputs"])
+    def list_outputs(who: Owner, request: Request, before: Annotated[float | None, Query(ge=0)] = None,
+                     limit: Annotated[int, Query(ge=1, le=200)] = 48) -> dict:
+        """This token's images, newest first (a gallery); `next` pages back in time."""
+        rows = store.recent_outputs(who, before, limit + 1)
+        more = rows[limit:] != []
+        rows = rows[:limit]
+        b = base(request)
+        items = [{"id": o["id"], "url": f"{b}/v1/outputs/{o['id']}", "thumb": f"{b}/v1/outputs/{o['id']}?thumb=256",
+                  "job": o["job_id"], "seed": o["seed"], "created_at": iso(o["created_at"])} for o in rows]
+        return {"results": items, "next": f"{b}/v1/outputs?before={rows[-1]['created_at']}&limit={limit}"
+                if more else None}
+
+    @app.get("/v1/outputs/{output_id}/record", responses=ERRORS, tags=["outputs"])
+    def output_record(output_id: str, who: Owner) -> dict:
+        """The settings an image was made with (its PNG's record)."""
+        from ..service.outputs import read_record
+
+        o = store.output(output_id, who)
+        if o is None or o["kind"] not in ("image", "cell") or not Path(o["path"]).is_file():
+            raise ApiError(404, f"no image {output_id!r}")
+        return read_record(o["path"]).model_dump(mode="json", exclude_none=True)
+
+    @app.delete("/v1/outputs/{output_id}", responses=ERRORS, tags=["outputs"])
+    def delete_output(output_id: str, who: Owner) -> dict:
+        """Delete an image (the file and its entry)."""
+        o = store.delete_output(output_id, who)
+        if o is None:
+            raise ApiError(404, f"no output {output_id!r}")
+        Path(o["path"]).unlink(missing_ok=True)
+        return {"deleted": output_id}
+
     @app.get("/v1/outputs/{output_id}", response_class=Response, responses=ERRORS | {200: {"content": {
-        "image/png": {}, "image/jpeg": {}, "application/octet-stream": {}}}}, tags=["outputs"])
+        "image/png": {}, "image/jpeg": {}, "application/octet-stream": {}, "text/csv": {}}}}, tags=["outputs"])
     def get_output(output_id: str, who: Owner, thumb: Annotated[int | None, Query(ge=16, le=1024)] = None):
         """An output: a PNG with fluxlab's metadata (`?thumb=256`: a JPEG thumbnail), or a LoRA file."""
         o = store.output(output_id, who)
@@ -599,6 +745,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(404, f"no output {output_id!r}")
         if o["kind"] == "lora":
             return FileResponse(o["path"], media_type="application/octet-stream", filename=Path(o["path"]).name)
+        if o["kind"] == "csv":
+            return FileResponse(o["path"], media_type="text/csv", filename="grid.csv")
         if thumb:
             from PIL import Image
 
@@ -675,6 +823,20 @@ def page(store: Store, broker, who: str, kind: str, cursor: str | None, limit: i
     return {"results": [render(store, broker, j, base) for j in jobs],
             "next": f"{path}?cursor={jobs[-1]['seq']}&limit={limit}" if more else None,
             "previous": None}
+
+
+def gather_images(files: list[dict], folder: Path) -> Path:
+    """A training folder of uploaded images (linked, not copied, where the file system allows)."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        target = folder / f"{i:04d}-{Path(f['path']).name}"
+        try:
+            os.link(f["path"], target)
+        except OSError:
+            shutil.copyfile(f["path"], target)
+    return folder
 
 
 def file_info(f: dict) -> dict:
@@ -782,15 +944,22 @@ def _training_config(inp: TrainingInput, archive: str, model: str, job_id: str, 
         process["trigger_word"] = inp.trigger_word
         process["train"]["steps"] = inp.steps
         process["model"] = {**process["model"], "name_or_path": model}
+        process.pop("sample", None)  # its size and prompts are the client's; samples below follow the model
     data["config"]["name"] = job_id
     process = data["config"]["process"][0]
     process["training_folder"] = str(folder)
     process["device"] = device if device != "auto" else process.get("device", "auto")
+    if not process.get("sample"):  # a sample at every quarter, of the trigger word alone, at the model's own size
+        from ..runtime.loading import locate
+
+        spec = locate(model).spec
+        w, h = spec.default_size if spec else (1024, 1024)
+        process["sample"] = {"sample_every": max(1, inp.steps // 4), "prompts": ["[trigger]"], "width": w,
+                             "height": h, "sample_steps": spec.steps if spec else 20, "seed": 42}
     if inp.lora_rank:
         process["network"].update(linear=inp.lora_rank, linear_alpha=inp.lora_rank)
     if inp.learning_rate:
         process["train"]["lr"] = inp.learning_rate
-    process.pop("sample", None)
     return parse(data, "training")
 
 

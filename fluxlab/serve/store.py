@@ -38,7 +38,13 @@ MIGRATIONS = [
                         sha256 TEXT NOT NULL, trigger TEXT, created_at REAL NOT NULL);
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: browser sessions (the page's login): only the cookie's SHA-256 is stored.
+    """
+    CREATE TABLE sessions (sha256 TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL,
+                           expires_at REAL NOT NULL);
+    """,
 ]
+SESSION_DAYS = 14
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -148,6 +154,24 @@ class Store:
         row = self.db.execute("SELECT name FROM tokens WHERE sha256 = ? AND revoked_at IS NULL",
                               (token_hash(token),)).fetchone()
         return row[0] if row else None
+
+    # -- browser sessions -------------------------------------------------------------------------------
+    def create_session(self, owner: str) -> str:
+        cookie = secrets.token_urlsafe(32)
+        now = time.time()
+        self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (token_hash(cookie), owner, now,
+                                                                     now + SESSION_DAYS * 86400))
+        return cookie
+
+    def session_owner(self, cookie: str) -> str | None:
+        """The owner of a live session whose token is still active."""
+        row = self.db.execute(
+            "SELECT s.owner FROM sessions s JOIN tokens t ON t.name = s.owner AND t.revoked_at IS NULL "
+            "WHERE s.sha256 = ? AND s.expires_at > ?", (token_hash(cookie), time.time())).fetchone()
+        return row[0] if row else None
+
+    def end_session(self, cookie: str) -> None:
+        self.db.execute("DELETE FROM sessions WHERE sha256 = ?", (token_hash(cookie),))
 
     # -- jobs ---------------------------------------------------------------------------------------
     def add_job(self, job_id: str, kind: str, owner: str, model: str, input: dict, plan: dict,

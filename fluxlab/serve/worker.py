@@ -103,7 +103,7 @@ class Worker:
         self.current, self.token = job_id, CancelToken()
         t0 = time.perf_counter()
         try:
-            run = {"training": self.train, "batch": self.batch}.get(job["kind"], self.predict)
+            run = {"training": self.train, "batch": self.batch, "grid": self.grid}.get(job["kind"], self.predict)
             metrics = run(job)
             metrics["total_time"] = round(time.perf_counter() - t0, 4)
             self.send(job_id, "done", status="succeeded", error=None, metrics=metrics)
@@ -160,6 +160,38 @@ class Worker:
         metrics = {f"{k}_time": v for k, v in state["summary"].get("phases_s", {}).items()}
         metrics["predict_time"] = round(time.perf_counter() - state["started"], 4) if state["started"] else None
         return metrics
+
+    # -- grids ----------------------------------------------------------------------------------------
+    def grid(self, job: dict) -> dict:
+        """A grid through service.grid on the pooled model: each cell is an output as it finishes, then the sheet
+        and the CSV."""
+        from ..service import events as ev
+        from ..service.grid import grid, parse_axis
+        from ..spec.request import ModelRef, Runtime
+
+        plan, job_id = job["plan"], job["id"]
+        x, y = parse_axis(plan["x"]), parse_axis(plan["y"]) if plan["y"] else None
+        started = time.perf_counter()
+        self.send(job_id, "processing", load_time=0.0)
+        total = plan["cells"]
+        done = []
+
+        def on_cell(cell) -> None:
+            idx = cell.row * len(x.values) + cell.col
+            done.append(idx)
+            self.send(job_id, "output", kind="cell", idx=idx, path=str(cell.path), seed=None)
+            self.send(job_id, "progress", done=len(done), total=total)
+
+        def events(e) -> None:
+            if self.token is not None and isinstance(e, ev.Step):
+                self.token.check()
+
+        result = grid(plan["prompt"], x, y, plan["base"], ModelRef.model_validate(plan["model"]),
+                      Runtime.model_validate(self.settings.get("runtime", {})), Path(plan["out"]), pool=self.pool,
+                      events=events, cancel=self.token, on_cell=on_cell)
+        self.send(job_id, "output", kind="sheet", idx=0, path=str(result.sheet), seed=None)
+        self.send(job_id, "output", kind="csv", idx=0, path=str(result.csv), seed=None)
+        return {"predict_time": round(time.perf_counter() - started, 4), "cells": total}
 
     # -- batches --------------------------------------------------------------------------------------
     def batch(self, job: dict) -> dict:

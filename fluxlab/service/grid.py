@@ -127,12 +127,12 @@ def cell_ref(model: ModelRef, cell: Cell) -> ModelRef:
                                                    for lo in model.loras)})
 
 
-def prepare_cells(cells: list[Cell], model: ModelRef, runtime: Runtime) -> list:
+def prepare_cells(cells: list[Cell], model: ModelRef, runtime: Runtime, check_files: bool = True) -> list:
     """Every cell resolved (and its files read) before any weights load."""
     from ..spec.request import make_request
     from .generate import prepare
 
-    return [prepare(make_request(**c.fields), cell_ref(model, c), runtime) for c in cells]
+    return [prepare(make_request(**c.fields), cell_ref(model, c), runtime, check_files) for c in cells]
 
 
 def run_grid(cells: list[Cell], prepared: list, out_dir: Path, pool=None, events=None, cancel=None,

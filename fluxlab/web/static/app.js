@@ -1,0 +1,240 @@
+// fluxlab's page scripts: plain JavaScript, served by fluxlab itself. Every action goes through the public /v1 API
+// (the session cookie authenticates same-origin requests); user text is only ever set as text, never as HTML.
+"use strict";
+
+const FIELDS = ["prompt", "negative", "width", "height", "steps", "guidance", "seed", "num_images", "sampler",
+  "schedule", "eta", "strength", "preset", "template", "lora", "images", "init", "mask", "model"];
+
+async function api(method, path, body) {
+  const init = { method, credentials: "same-origin", headers: {} };
+  if (body instanceof FormData) init.body = body;
+  else if (body !== undefined) { init.body = JSON.stringify(body); init.headers["content-type"] = "application/json"; }
+  const r = await fetch(path, init);
+  let data = null;
+  try { data = await r.json(); } catch (e) { data = null; }
+  return { status: r.status, data };
+}
+
+function el(tag, attrs = {}, text = null) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== null) e.textContent = text;
+  return e;
+}
+
+// A 422 names its field the way the CLI does ("width 100 is not ...", "input.steps: ..."): show it there.
+function fieldOf(message) {
+  const m = /^(?:input\.)?([a-z_]+)/.exec(message || "");
+  if (m && FIELDS.includes(m[1])) return m[1];
+  for (const f of FIELDS) if (new RegExp("\\b" + f + "\\b").test(message)) return f;
+  return "";
+}
+
+function clearErrors(form) { form.querySelectorAll(".error[data-js]").forEach((e) => e.remove()); }
+
+function showError(form, message) {
+  const field = fieldOf(message);
+  const input = field && form.querySelector(`[name="${field}"]`);
+  const note = el("span", { class: "error", "data-testid": "field-error", "data-field": field, "data-js": "1" }, message);
+  if (input) input.closest("label").appendChild(note);
+  else form.prepend(note);
+}
+
+function formatEta(s) { return s == null ? "" : ` · about ${Math.max(0, Math.round(s))} s left`; }
+
+// Live progress from a job's Server-Sent Events (EventSource reconnects by itself, with Last-Event-ID).
+function follow(streamUrl, handlers) {
+  const source = new EventSource(streamUrl);
+  for (const [name, fn] of Object.entries(handlers)) {
+    source.addEventListener(name, (ev) => fn(JSON.parse(ev.data)));
+  }
+  source.addEventListener("done", () => source.close());
+  return source;
+}
+
+function outputLink(url) {
+  const id = url.split("/").pop();
+  const a = el("a", { href: `/image/${id}` });
+  a.appendChild(el("img", { src: `${url}?thumb=256`, alt: "output" }));
+  return a;
+}
+
+// -- generate ----------------------------------------------------------------------------------------------------
+function setupGenerate() {
+  const form = document.getElementById("generate");
+  const model = form.querySelector('[name="model"]');
+  const negative = document.getElementById("negative-field");
+  const toggleNegative = () => {  // and the model's own defaults as placeholders
+    const opt = model.selectedOptions[0];
+    negative.hidden = !opt || opt.dataset.guidanceMode !== "cfg";
+    for (const [name, key] of [["width", "width"], ["height", "height"], ["steps", "steps"]]) {
+      form.elements[name].placeholder = opt ? opt.dataset[key] || "" : "";
+    }
+  };
+  model.addEventListener("change", toggleNegative);
+  toggleNegative();
+  document.getElementById("dice").addEventListener("click", () => {
+    form.querySelector('[name="seed"]').value = String(Math.floor(Math.random() * 4294967296));
+  });
+  document.getElementById("aspect").addEventListener("change", (ev) => {
+    if (!ev.target.value) return;
+    const [w, h] = ev.target.value.split("x");
+    form.querySelector('[name="width"]').value = w;
+    form.querySelector('[name="height"]').value = h;
+  });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearErrors(form);
+    const input = {};
+    for (const name of ["prompt", "negative", "sampler", "schedule", "preset", "template"]) {
+      const v = form.elements[name].value;
+      if (v !== "" && !(name === "negative" && negative.hidden)) input[name] = v;
+    }
+    for (const name of ["width", "height", "steps", "seed", "num_images"]) {
+      const v = form.elements[name].value.trim();
+      if (v !== "") input[name] = /^-?\d+$/.test(v) ? parseInt(v, 10) : v;
+    }
+    for (const name of ["guidance", "strength", "eta"]) {
+      const v = form.elements[name].value.trim();
+      if (v !== "") input[name] = isNaN(Number(v)) ? v : Number(v);
+    }
+    if (form.elements.lora.value) {
+      input.lora = [{ name: form.elements.lora.value, scale: Number(form.elements.lora_scale.value || "1") }];
+    }
+    for (const name of ["images", "init", "mask"]) {
+      const files = Array.from(form.elements[name].files || []);
+      const ids = [];
+      for (const f of files) {
+        const fd = new FormData();
+        fd.append("file", f, f.name);
+        const up = await api("POST", "/v1/files", fd);
+        if (up.status !== 201) { showError(form, `${name}: ${up.data ? up.data.detail : up.status}`); return; }
+        ids.push(up.data.id);
+      }
+      if (ids.length) input[name] = name === "images" ? ids : ids[0];
+    }
+    const r = await api("POST", "/v1/predictions", { model: model.value, input });
+    if (r.status !== 201) { showError(form, r.data ? r.data.detail : `error ${r.status}`); return; }
+    watchPrediction(r.data);
+  });
+}
+
+function watchPrediction(job) {
+  const live = document.getElementById("live");
+  live.hidden = false;
+  const bar = live.querySelector("progress");
+  const text = document.getElementById("progress-text");
+  const preview = document.getElementById("preview");
+  const results = document.getElementById("results");
+  const cancel = document.getElementById("cancel");
+  bar.value = 0;
+  text.textContent = "queued";
+  preview.hidden = true;
+  results.replaceChildren();
+  cancel.hidden = false;
+  cancel.onclick = () => api("POST", `/v1/predictions/${job.id}/cancel`);
+  follow(job.urls.stream, {
+    status: (d) => {
+      text.textContent = d.status + (d.loading ? ` (loading ${d.loading})` : "");
+      if (d.status === "succeeded") preview.hidden = true;  // the image replaces it
+    },
+    progress: (d) => {
+      bar.max = d.total * (d.images || 1);
+      bar.value = (d.image || 0) * d.total + d.step;
+      text.textContent = `step ${d.step}/${d.total}` + (d.images > 1 ? ` · image ${d.image + 1}/${d.images}` : "") +
+        formatEta(d.eta_s);
+    },
+    preview: (d) => { preview.src = `${d.url}&t=${Date.now()}`; preview.hidden = false; },
+    output: (d) => results.appendChild(outputLink(d.url)),
+    done: (d) => {
+      cancel.hidden = true;
+      text.textContent = d.status + (d.error ? `: ${d.error}` : "");
+      if (d.status === "succeeded") { bar.value = bar.max; preview.hidden = true; }  // the image replaces it
+    },
+  });
+}
+
+// -- a job's page (prediction, grid, batch) ----------------------------------------------------------------------
+function setupJob() {
+  const body = document.body;
+  const bar = document.querySelector("progress");
+  const text = document.getElementById("progress-text");
+  const status = document.getElementById("status");
+  const preview = document.getElementById("preview");
+  const results = document.getElementById("results");
+  if (["succeeded", "failed", "canceled"].includes(status.textContent)) return;
+  follow(body.dataset.stream, {
+    status: (d) => { status.textContent = d.status; },
+    progress: (d) => {
+      if (d.step !== undefined) { bar.max = d.total; bar.value = d.step; text.textContent = `step ${d.step}/${d.total}` + formatEta(d.eta_s); }
+      else { bar.max = d.total; bar.value = d.done; text.textContent = `${d.done}/${d.total}`; }
+    },
+    preview: (d) => { preview.src = `${d.url}&t=${Date.now()}`; preview.hidden = false; },
+    output: (d) => { if (d.kind === "image" || d.kind === "cell") results.appendChild(outputLink(d.url)); },
+    done: () => window.setTimeout(() => window.location.reload(), 300),
+  });
+}
+
+// -- a training's page: the loss chart and live progress ---------------------------------------------------------
+function drawLoss(canvas, losses) {
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 28;
+  ctx.clearRect(0, 0, w, h);
+  canvas.dataset.points = String(losses.length);
+  if (!losses.length) return;
+  const lo = Math.min(...losses), hi = Math.max(...losses), span = hi - lo || 1;
+  ctx.strokeStyle = "#b9bec7";
+  ctx.strokeRect(pad, pad / 2, w - pad * 1.5, h - pad * 1.5);
+  ctx.strokeStyle = "#3d64d8";
+  ctx.beginPath();
+  losses.forEach((y, i) => {
+    const px = pad + (w - pad * 1.5) * (losses.length > 1 ? i / (losses.length - 1) : 0);
+    const py = pad / 2 + (h - pad * 1.5) * (1 - (y - lo) / span);
+    if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
+  });
+  ctx.stroke();
+  ctx.fillStyle = "#555";
+  ctx.font = "11px system-ui";
+  ctx.fillText(hi.toFixed(4), 2, pad / 2 + 8);
+  ctx.fillText(lo.toFixed(4), 2, h - pad + 4);
+}
+
+async function setupTraining() {
+  const body = document.body;
+  const canvas = document.getElementById("loss");
+  const bar = document.querySelector("progress");
+  const text = document.getElementById("progress-text");
+  const status = document.getElementById("status");
+  const samples = document.getElementById("samples");
+  let losses = (canvas.dataset.losses || "").split(",").filter((x) => x !== "").map(Number);
+  const r = await api("GET", `/v1/trainings/${body.dataset.job}/loss`);
+  if (r.status === 200) losses = r.data.steps.map((s) => s.loss);
+  drawLoss(canvas, losses);
+  if (["succeeded", "failed", "canceled"].includes(status.textContent)) return;
+  follow(body.dataset.stream, {
+    status: (d) => { status.textContent = d.status; },
+    progress: async (d) => {
+      bar.max = d.total; bar.value = d.step;
+      text.textContent = `step ${d.step}/${d.total} · loss ${Number(d.loss).toFixed(4)}` + formatEta(d.eta_s);
+      if (d.step === losses.length + 1) losses.push(Number(d.loss));
+      else {  // progress events come at most ~4 a second: fetch the steps in between
+        const all = await api("GET", `/v1/trainings/${body.dataset.job}/loss`);
+        if (all.status === 200) losses = all.data.steps.map((s) => s.loss);
+      }
+      drawLoss(canvas, losses);
+    },
+    output: (d) => { if (d.kind === "sample") samples.appendChild(el("img", { src: d.url, alt: "sample", "data-testid": "sample" })); },
+    done: () => window.setTimeout(() => window.location.reload(), 300),
+  });
+}
+
+// -- the queue: refreshed while the page is open -----------------------------------------------------------------
+function setupQueue() { window.setTimeout(() => window.location.reload(), 4000); }
+
+document.addEventListener("DOMContentLoaded", () => {
+  const page = document.body.dataset.page;
+  if (page === "generate") setupGenerate();
+  else if (page === "job") setupJob();
+  else if (page === "training") setupTraining();
+  else if (page === "queue") setupQueue();
+});

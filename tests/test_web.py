@@ -1,0 +1,261 @@
+"""The page of `fluxlab serve`, in a real headless browser (Debian's chromium driven by selenium), against a real
+server with the bundled demo model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from serving import Server
+
+PROMPT = "a red circle in the top left on a white background"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("web")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="fluxlab-chromium-")
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                "--window-size=1100,1300"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def by(driver, testid):
+    return driver.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
+
+
+def wait(driver, condition, timeout=60):
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
+
+
+@pytest.fixture(scope="module")
+def logged_in(server, browser):
+    browser.get(server.url + "/")
+    assert "/login" in browser.current_url  # every page but the login needs the session cookie
+    by(browser, "token-input").send_keys(server.token)
+    by(browser, "login-submit").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="prompt"]'))
+    cookie = browser.get_cookie("fluxlab_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    return browser
+
+
+def fill(driver, **fields):
+    for testid, value in fields.items():
+        box = by(driver, testid.replace("_", "-"))
+        box.clear()
+        box.send_keys(str(value))
+
+
+def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
+    d = logged_in
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, seed=4242, steps=80)
+    by(d, "submit").click()
+    seen = set()
+    preview = None
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        bar = by(d, "progress")
+        value, top = float(bar.get_attribute("value")), float(bar.get_attribute("max"))
+        if top > 1 and value < top:
+            seen.add(value)
+        img = by(d, "preview")
+        if img.is_displayed() and img.get_attribute("src"):
+            preview = img.get_attribute("src")
+        if d.find_elements(By.CSS_SELECTOR, "#results img"):
+            break
+        time.sleep(0.02)
+    assert len(seen) >= 2, seen  # the bar moved while it ran
+    assert preview and "/preview" in preview
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    assert not by(d, "preview").is_displayed()  # the image took the preview's place
+    if os.environ.get("FLUXLAB_UPDATE_SCREENSHOT"):  # the README's picture, taken by this browser
+        d.set_window_size(1100, 1120)
+        d.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        d.save_screenshot(str(ROOT / "docs" / "generate-page.png"))
+        d.set_window_size(1100, 1300)
+    d.get(server.url + "/gallery")
+    first = d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]')[0]
+    first.click()
+    settings = by(d, "detail-settings").text
+    assert PROMPT in settings and "4242" in settings
+    by(d, "reuse").click()
+    assert by(d, "prompt").get_attribute("value") == PROMPT
+    assert by(d, "seed").get_attribute("value") == "4242" and by(d, "steps").get_attribute("value") == "80"
+
+
+def test_cancel_from_the_page(server, logged_in):
+    d = logged_in
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, width=256, height=256, steps=300, seed=1)
+    by(d, "submit").click()
+    wait(d, lambda d: "step" in d.find_element(By.ID, "progress-text").text)
+    by(d, "cancel").click()
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text.startswith("canceled"))
+    with server.client() as api:
+        job = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+    assert job["status"] == "canceled" and job["output"] is None
+    assert not list((server.data / "outputs" / job["id"]).glob("*.png"))
+
+
+def test_field_errors_and_text_that_stays_text(server, logged_in):
+    d = logged_in
+    with server.client() as api:
+        before = len(api.get("/v1/predictions").json()["results"])
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, width=100)
+    by(d, "submit").click()
+    error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"][data-field="width"]'))[0]
+    assert "width 100 is not a multiple of 16" in error.text  # the CLI's words
+    with server.client() as api:
+        assert len(api.get("/v1/predictions").json()["results"]) == before  # nothing was submitted
+    hostile = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1;alert(1)</script> a red circle'
+    d.get(server.url + "/")
+    fill(d, prompt=hostile, steps=2)
+    by(d, "submit").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img"))
+    d.find_elements(By.CSS_SELECTOR, "#results a")[0].click()
+    assert hostile in by(d, "detail-settings").text  # shown as the text it is
+    with pytest.raises(NoAlertPresentException):
+        d.switch_to.alert.text  # noqa: B018 - asking is the check
+    assert d.execute_script("return window.__pwned") is None
+
+
+def test_pages_need_a_login_and_other_sites_are_refused(server, logged_in):
+    pages = ["/", "/queue", "/gallery", "/grid", "/train", "/jobs/x", "/image/x", "/trainings/x"]
+    with httpx.Client(base_url=server.url, follow_redirects=False) as anonymous:
+        for page in pages:
+            r = anonymous.get(page)
+            assert r.status_code == 303 and r.headers["location"].startswith("/login"), page
+        assert anonymous.get("/static/app.js").status_code == 200  # what the login page itself needs
+    cookie = logged_in.get_cookie("fluxlab_session")["value"]
+    with httpx.Client(base_url=server.url, cookies={"fluxlab_session": cookie}) as c:
+        body = {"model": "demo", "input": {"prompt": PROMPT}}
+        evil = c.post("/v1/predictions", json=body, headers={"Origin": "http://evil.example"})
+        assert evil.status_code == 403 and "evil.example" in evil.json()["detail"]
+        assert c.post("/v1/predictions", json=body).status_code == 403  # no Origin at all: not from our pages
+        assert c.post("/generate", data={"prompt": PROMPT}, headers={"Origin": "http://evil.example"}
+                      ).status_code == 403
+        page = c.get("/")
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+        assert server.token not in page.text
+
+
+def test_train_from_the_page_then_generate_with_it(server, logged_in, tmp_path):
+    from test_serve import demo_zip
+
+    d = logged_in
+    d.get(server.url + "/train")
+    by(d, "train-zip").send_keys(str(demo_zip(tmp_path / "rings.zip")))
+    fill(d, train_trigger="zxq", train_steps=40)
+    by(d, "train-submit").click()
+    wait(d, lambda d: "/trainings/" in d.current_url)
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="sample"]'), timeout=180)
+    wait(d, lambda d: d.find_element(By.ID, "status").text == "succeeded", timeout=180)
+    wait(d, lambda d: int(by(d, "loss-chart").get_attribute("data-points")) == 40, timeout=10)  # a step, a point
+    assert int(by(d, "train-progress").get_attribute("value")) == 40
+    link = wait(d, lambda d: d.find_elements(By.ID, "download-lora"), timeout=10)[0].get_attribute("href")
+    cookie = d.get_cookie("fluxlab_session")["value"]
+    lora = httpx.get(link, cookies={"fluxlab_session": cookie})
+    assert lora.status_code == 200 and lora.content[8:9] == b"{"  # a safetensors file
+    d.find_element(By.ID, "generate-with-it").click()
+    assert by(d, "lora").get_attribute("value")
+    fill(d, prompt="a zxq in the center", seed=5)
+    by(d, "submit").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img"))
+    out_id = d.find_elements(By.CSS_SELECTOR, "#results a")[0].get_attribute("href").rsplit("/", 1)[1]
+    with server.client() as api:
+        tuned = np.asarray(Image.open(__import__("io").BytesIO(api.get(f"/v1/outputs/{out_id}").content)))
+        plain = api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": "a zxq in the center",
+                                                                             "seed": 5}},
+                         headers={"Prefer": "wait=60"}).json()
+        base = np.asarray(Image.open(__import__("io").BytesIO(api.get(plain["output"][0]).content)))
+    assert np.abs(tuned.astype(int) - base.astype(int)).max() > 0
+
+
+def test_the_generate_page_fits_a_phone(server, logged_in):
+    d = logged_in
+    d.set_window_size(390, 844)
+    try:
+        d.get(server.url + "/")
+        assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        d.get(server.url + "/gallery")
+        assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    finally:
+        d.set_window_size(1100, 1300)
+
+
+def test_queue_shows_pending_jobs_and_cancels_one(server, logged_in):
+    d = logged_in
+    with server.client() as api:
+        api.post("/v1/queue/pause")
+        ids = [api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "seed": i}}).json()["id"]
+               for i in range(2)]
+        d.get(server.url + "/queue")
+        items = d.find_elements(By.CSS_SELECTOR, '[data-testid="queue-item"]')
+        assert [i for i in ids if any(i in x.text for x in items)] == ids
+        items[0].find_element(By.CSS_SELECTOR, "button").click()
+        api.post("/v1/queue/resume")
+        assert server.wait(api, ids[0])["status"] == "canceled"
+        assert server.wait(api, ids[1])["status"] == "succeeded"
+
+
+def test_a_grid_from_the_page(server, logged_in):
+    d = logged_in
+    d.get(server.url + "/grid")
+    d.find_element(By.NAME, "prompt").send_keys(PROMPT)
+    d.find_element(By.NAME, "x").send_keys("steps=2,4")
+    d.find_element(By.NAME, "y").send_keys("guidance=2,6")
+    by(d, "grid-submit").click()
+    wait(d, lambda d: "/jobs/" in d.current_url)
+    wait(d, lambda d: d.find_elements(By.ID, "sheet"), timeout=120)
+    assert len(d.find_elements(By.CSS_SELECTOR, "#results img")) == 4
+    cookie = d.get_cookie("fluxlab_session")["value"]
+    csv = httpx.get(d.find_element(By.ID, "csv").get_attribute("href"), cookies={"fluxlab_session": cookie})
+    rows = csv.text.strip().splitlines()
+    assert csv.status_code == 200 and len(rows) == 5 and rows[0].startswith("row,col,x_field")
+
+
+def test_the_page_works_without_javascript(server, logged_in):
+    """Plain forms: the generate form posts, the job's page reloads itself until the image is there."""
+    cookie = logged_in.get_cookie("fluxlab_session")["value"]
+    with httpx.Client(base_url=server.url, cookies={"fluxlab_session": cookie},
+                      headers={"Origin": server.url}) as c:
+        r = c.post("/generate", data={"prompt": PROMPT, "seed": "31", "steps": "3", "model": "demo"})
+        assert r.status_code == 303 and r.headers["location"].startswith("/jobs/")
+        page = c.get(r.headers["location"])
+        assert 'http-equiv="refresh"' in page.text or "succeeded" in page.text
+        deadline = time.time() + 60
+        while "succeeded" not in page.text and time.time() < deadline:
+            time.sleep(0.3)
+            page = c.get(r.headers["location"])
+        assert "/image/out_" in page.text
+        bad = c.post("/generate", data={"prompt": PROMPT, "width": "100", "model": "demo"})
+        assert bad.status_code == 422 and 'data-field="width"' in bad.text and "multiple of 16" in bad.text
