@@ -6,7 +6,11 @@
 Each tool runs in its own process, `--runs` times; the medians are reported: wall time (process start to
 exit), peak RSS (the child's ru_maxrss), phase times, and the FLOP floor: the FLOPs the generation needs
 (text encoding up to the deepest layer FLUX.2 reads, the transformer steps, the VAE decode; counted with
-torch's FlopCounterMode on meta tensors) divided by the bf16 matmul rate measured in this run.
+torch's FlopCounterMode on meta tensors) divided by the matmul rate measured in this run.
+
+diffusers runs in the fastest configuration that fits this machine: bf16 where bf16 is fast (AMX); otherwise
+fp32 when an fp32 copy of every model fits in the memory available, else bf16 (the only one that fits) - or
+not at all when the FLOP floor at the bf16 rate exceeds --max-minutes, which is then said, with why.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -90,6 +93,22 @@ def work_flops(model_dir: Path, size: int, steps: int) -> dict:
     return {"encode": enc, "denoise": steps * step, "decode": dec}
 
 
+def diffusers_dtype(model: Path, fast_bf16: bool) -> tuple[str, str]:
+    """The fastest diffusers dtype this machine can hold, and why."""
+    if fast_bf16:
+        return "bfloat16", "bf16 is this CPU's fastest arithmetic (measured)"
+    stored = sum(f.stat().st_size for f in model.rglob("*.safetensors"))  # bf16 files: 2 bytes a weight
+    need = stored * 2
+    avail = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            avail = int(line.split()[1]) * 1024
+    if need < 0.8 * avail:
+        return "float32", f"fp32 is faster on this CPU; its {need / 2**30:.1f} GiB fit in {avail / 2**30:.1f} GiB"
+    return "bfloat16", (f"fp32 would be faster here, but fp32 weights need {need / 2**30:.1f} GiB and "
+                        f"{avail / 2**30:.1f} GiB are available: bf16 is the configuration that fits")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "bench/cache/klein-4b"))
@@ -98,6 +117,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead (quick check)")
     ap.add_argument("--tools", default="fluxlab,diffusers")
+    ap.add_argument("--max-minutes", type=float, default=60.0, help="skip a tool whose FLOP floor exceeds this")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     model = Path(a.model)
@@ -105,6 +125,19 @@ def main():
         from fluxlab.tiny import build_tiny
 
         model = build_tiny("flux2-klein", tmp / "tiny")
+    from fluxlab.runtime.devices import bf16_matmul_is_faster, cpu_summary
+
+    rates = {"bfloat16": matmul_tflops(), "float32": matmul_tflops(dtype="float32")}
+    flops = work_flops(model, a.size, a.steps)
+    work = sum(flops.values())
+    print(f"machine: {cpu_summary()}; matmul bf16 {rates['bfloat16']:.3f} TFLOP/s, fp32 "
+          f"{rates['float32']:.3f} TFLOP/s")
+    print(f"work: encode {flops['encode'] / 1e12:.2f} + denoise {flops['denoise'] / 1e12:.2f} + decode "
+          f"{flops['decode'] / 1e12:.2f} TFLOP", flush=True)
+    # fluxlab multiplies in fp32 where that is faster (bf16 weights upcast per layer, devices.upcast_linears).
+    compute = {"fluxlab": "bfloat16" if bf16_matmul_is_faster() else "float32"}
+    compute["diffusers"], why = diffusers_dtype(model, bf16_matmul_is_faster())
+    print(f"diffusers configuration: {compute['diffusers']} ({why})")
     py = sys.executable
     cmds = {
         "fluxlab": lambda i: [py, "-m", "fluxlab", "generate", "a red circle in the top left on a white background",
@@ -113,10 +146,15 @@ def main():
                               str(tmp / f"fluxlab-{i}.png"), "--report", str(tmp / f"fluxlab-{i}.json")],
         "diffusers": lambda i: [py, str(ROOT / "bench/diffusers_run.py"), str(model), str(tmp / f"diffusers-{i}.png"),
                                 "--size", str(a.size), "--steps", str(a.steps), "--report",
-                                str(tmp / f"diffusers-{i}.json")],
+                                str(tmp / f"diffusers-{i}.json"), "--dtype", compute["diffusers"]],
     }
     results = {}
     for tool in a.tools.split(","):
+        floor_min = work / (rates[compute[tool]] * 1e12) / 60
+        if floor_min > a.max_minutes:
+            print(f"{tool}: not run: at this machine's {compute[tool]} rate its FLOP floor alone is "
+                  f"{floor_min:.0f} min (over --max-minutes {a.max_minutes:.0f})")
+            continue
         walls, rss, gens = [], [], []
         for i in range(a.runs):
             wall, peak = run_child(cmds[tool](i))
@@ -130,18 +168,6 @@ def main():
                   f"phases {json.dumps({k: round(v, 2) for k, v in phases.items()})}", flush=True)
         results[tool] = {"wall_s": statistics.median(walls), "peak_rss_gib": statistics.median(rss) / 2**30,
                          "generate_s": statistics.median(gens), "phases": phases}
-    # The floor uses the rate of the arithmetic each tool runs: diffusers multiplies in bf16; fluxlab in fp32
-    # on CPUs without AMX (bf16 weights upcast per layer, see fluxlab.runtime.devices.upcast_linears), else in bf16.
-    from fluxlab.runtime.devices import cpu_has_fast_bf16
-
-    rates = {"bfloat16": matmul_tflops(), "float32": matmul_tflops(dtype="float32")}
-    compute = {"diffusers": "bfloat16", "fluxlab": "bfloat16" if cpu_has_fast_bf16() else "float32"}
-    flops = work_flops(model, a.size, a.steps)
-    work = sum(flops.values())
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; matmul "
-          f"bf16 {rates['bfloat16']:.3f} TFLOP/s, fp32 {rates['float32']:.3f} TFLOP/s")
-    print(f"work: encode {flops['encode'] / 1e12:.2f} + denoise {flops['denoise'] / 1e12:.2f} + decode "
-          f"{flops['decode'] / 1e12:.2f} TFLOP")
     floors = {}
     for tool, r in results.items():
         floors[tool] = work / (rates[compute[tool]] * 1e12)

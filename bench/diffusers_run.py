@@ -1,6 +1,6 @@
 """One diffusers Flux2KleinPipeline generation, for bench/compare.py (run in its own process).
 
-    python bench/diffusers_run.py MODEL_DIR OUT.png --size 512 --steps 4 --seed 0 --report R.json
+    python bench/diffusers_run.py MODEL_DIR OUT.png --size 512 --steps 4 --seed 0 --report R.json [--dtype float32]
 
 Times the phases by hooking the pipeline's text encoder, transformer and VAE decoder.
 """
@@ -26,9 +26,10 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = ap.parse_args()
     t0 = time.perf_counter()
-    pipe = Flux2KleinPipeline.from_pretrained(a.model, torch_dtype=torch.bfloat16)
+    pipe = Flux2KleinPipeline.from_pretrained(a.model, torch_dtype=getattr(torch, a.dtype))
     pipe.set_progress_bar_config(disable=True)
     t_loaded = time.perf_counter()
     phases = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}

@@ -49,6 +49,7 @@ def device_info(device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = 
     d = info(device)
     out.print(f"device: {d['device']}")
     out.print(f"dtype auto: {d['dtype_auto']}" + (" (CPU with AMX)" if d["amx"] else ""))
+    out.print("bf16 weights compute in " + ("bf16" if d["bf16_compute"] else "fp32 (faster than bf16 on this CPU)"))
     out.print(f"free memory: {d['free_gb']:.1f} GB")
     out.print(f"quantization: {', '.join(d['quantization'])}")
     out.print(f"cpu flags: {', '.join(d['cpu_flags']) or '-'}")

@@ -22,6 +22,24 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
+def cpu_summary() -> str:
+    """The CPU's model name and the flags that decide fluxlab's CPU choices (AMX, AVX-512 bf16, AVX-512,
+    AVX2), for benchmark reports: the same code is 6x faster or 64x slower in bf16 depending on them."""
+    import os
+
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in cpu_flags()]
+    shown = " ".join(flags) or "none of amx/avx512/avx2"
+    return f"{name}, {len(os.sched_getaffinity(0))} usable CPU(s), flags: {shown}"
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has AMX tiles for bf16, where bf16 matmuls run several times faster than fp32.
 
@@ -29,6 +47,38 @@ def cpu_has_fast_bf16() -> bool:
     TFLOP/s against 0.25-0.30 for fp32, so there bf16 is worth it for memory, not for speed.
     """
     return "amx_bf16" in cpu_flags()
+
+
+@cache
+def bf16_matmul_is_faster() -> bool:
+    """Whether this CPU multiplies bf16 matrices faster than fp32 ones: what decides if bf16 weights compute in
+    bf16 or are upcast per layer (upcast_linears).
+
+    AMX: yes (~6x). No bf16 instructions at all (AVX2 only): no, bf16 is emulated (64x slower measured on an
+    EPYC). AVX512-BF16 without AMX goes both ways - 0.65 against 0.15 TFLOP/s fp32 on one 2-core EPYC, 0.15
+    against 0.25-0.30 on a Xeon - so there it is measured, once per process (~0.1 s), on a transformer-shaped
+    product.
+    """
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    if "avx512_bf16" not in flags:
+        return False
+    import time
+
+    import torch
+
+    def seconds(dtype) -> float:
+        a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    return seconds(torch.bfloat16) < 0.8 * seconds(torch.float32)
 
 
 def resolve_device(name: str = "auto"):
@@ -77,7 +127,7 @@ def dtype_name(dtype) -> str:
 def upcast_linears(model) -> int:
     """Run a bf16 model's Linear layers in fp32 while keeping bf16 weights in memory.
 
-    On a CPU without AMX, fp32 matmuls are faster than bf16 ones (see cpu_has_fast_bf16): each layer converts
+    On many CPUs without AMX, fp32 matmuls are faster than bf16 ones (bf16_matmul_is_faster): each layer converts
     its weight for the product and returns bf16 activations, so memory stays that of bf16 weights and the
     arithmetic is at least as accurate. Quantized weights are left alone. Returns the layers changed.
     """

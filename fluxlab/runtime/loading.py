@@ -336,6 +336,39 @@ def check_model_files(path: Path) -> tuple[dict, list[str]]:
     return index, needed
 
 
+_frozen = False
+
+
+def freeze_imported(index: dict, needed: list[str]) -> None:
+    """Import the model classes a pipeline needs, then move everything alive so far out of the garbage
+    collector's sight (gc.freeze), once per process.
+
+    torch, diffusers and transformers leave about a million long-lived objects behind at import; every full
+    collection walks them all (0.35 s a time on a 2-core EPYC, three times in a one-shot generation, where
+    releasing a text encoder calls gc.collect). Module-level objects never become garbage, so freezing them
+    loses nothing. Done once, before the first model exists, so no model's objects are ever frozen (a released
+    model's reference cycles stay collectable).
+    """
+    global _frozen
+    if _frozen:
+        return
+    for name in needed:
+        cls = index[name][1]
+        if cls in DIFFUSERS_CLASSES:
+            import diffusers
+
+            getattr(diffusers, cls)
+        elif cls in TRANSFORMERS_CLASSES or name.startswith("tokenizer"):
+            import transformers
+
+            getattr(transformers, LEAN_ENCODERS.get(cls, cls), None)
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _frozen = True
+
+
 def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True
                     ) -> Components:
     """A pipeline's parts, loaded on first use onto `device`. Files are checked now (headers only), so a
@@ -343,6 +376,7 @@ def load_components(path: Path, dtype, device, transformer_file: str | None = No
     deepest layer used (see load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
     quiet_libraries()
     index, needed = check_model_files(path)
+    freeze_imported(index, needed)
     configs = {n: read_json(path / n / "config.json") for n in needed if not n.startswith("tokenizer")}
     if transformer_file:
         from .singlefile import check_transformer_file

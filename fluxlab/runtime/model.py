@@ -352,7 +352,7 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
     quiet_libraries()
     import torch
 
-    from .devices import cpu_has_fast_bf16, resolve_device, resolve_dtype
+    from .devices import bf16_matmul_is_faster, resolve_device, resolve_dtype
 
     t0 = time.perf_counter()
     source = source or fetch(locate(ref.name), ref.revision)
@@ -368,7 +368,7 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
 
         quantize_on_load(components, ref.quantize, stage, notify)
     upcast = False
-    if runtime.compute == "auto" and dev.type == "cpu" and dt == torch.bfloat16 and not cpu_has_fast_bf16():
+    if runtime.compute == "auto" and dev.type == "cpu" and dt == torch.bfloat16 and not bf16_matmul_is_faster():
         from .devices import upcast_linears
 
         for name in ("transformer", "text_encoder", "text_encoder_2"):
@@ -376,6 +376,7 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
         # The VAE is small (84 M parameters) and convolution-bound: it simply runs in fp32.
         components.after_load.setdefault("vae", []).append(lambda vae: vae.to(torch.float32))
         upcast = True
-        notify("bf16 weights, fp32 matmuls: this CPU has no AMX, where fp32 multiplies faster than bf16")
+        notify("bf16 weights, fp32 matmuls: this CPU multiplies fp32 faster than bf16 (set --compute native to "
+               "keep bf16 arithmetic)")
     return LoadedModel(ref, runtime, source, components, dev, dt, upcast=upcast,
                        load_seconds=time.perf_counter() - t0, notify=notify)

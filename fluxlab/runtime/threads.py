@@ -7,8 +7,9 @@ and a machine another job is already computing on. OpenMP threads busy-wait at t
 of 2 threads on 2 cores slowed one generation 27x (1.06 s -> 29 s of denoising) where 1 thread each cost ~2x.
 
 The rule (a pure function, `decide`): --threads or FLUXLAB_THREADS if given (then OMP_NUM_THREADS); otherwise the
-usable CPUs (affinity and quota) divided by FLUXLAB_SHARE (the processes started together), minus the threads
-other processes are running right now (/proc/loadavg's runnable count), at least 1.
+usable CPUs (affinity and quota) divided by the processes started together (FLUXLAB_SHARE, set by fluxlab for the
+processes it starts, or LOCAL_WORLD_SIZE, set by `accelerate launch` and torchrun), minus the threads other
+processes are running right now (/proc/loadavg's runnable count), at least 1.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def decide(requested: int | None = None, env: dict | None = None, cpus: int | No
         if n is not None:
             return Threads(n, name)
     cpus = usable_cpus() if cpus is None else cpus
-    share = _positive_int(env.get("FLUXLAB_SHARE"), "FLUXLAB_SHARE") or 1
+    share = (_positive_int(env.get("FLUXLAB_SHARE"), "FLUXLAB_SHARE")
+             or _positive_int(env.get("LOCAL_WORLD_SIZE"), "LOCAL_WORLD_SIZE") or 1)
     n = max(1, cpus // share)
     busy = others_running() if busy is None else busy
     if busy > 0 and n > 1:

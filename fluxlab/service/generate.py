@@ -232,16 +232,17 @@ def _run(prep: Prepared, model, events, cancel, writer, pool, threads: int) -> I
             progress.done_images = k + 1
             emit(events, Image(result, result.path, k))
             yield result
-    emit(events, Finished(summarize(batches.values(), job.count, model, saving)))
+    emit(events, Finished(summarize(batches.values(), job.count, model, saving, threads)))
 
 
-def summarize(batch_timings, images: int, model, saving: float = 0.0) -> dict:
-    """Phase totals over the batches (each batch's timings once), rates, and where it ran."""
+def summarize(batch_timings, images: int, model, saving: float = 0.0, threads: int | None = None) -> dict:
+    """Phase totals over the batches (each batch's timings once), rates, and where it ran (with how many torch
+    threads)."""
     batch_timings = list(batch_timings)
     phases = {k: round(sum(t.get(k, 0.0) for t in batch_timings), 4) for k in PHASES}
     phases["save"] = round(saving, 4)
     return {"images": images, "phases_s": phases, "it_per_s": [t.get("it_per_s") for t in batch_timings],
-            "device": str(model.device), "model": model.label}
+            "device": str(model.device), "threads": threads, "model": model.label}
 
 
 def truncation_notices(model, job: Job) -> list[str]:

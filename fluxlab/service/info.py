@@ -42,7 +42,14 @@ def models() -> list[dict]:
 
 def device(name: str = "auto") -> dict:
     """What this machine offers: device, the dtype auto picks, free memory, quantization modes, CPU flags."""
-    from ..runtime.devices import cpu_flags, cpu_has_fast_bf16, dtype_name, resolve_device, resolve_dtype
+    from ..runtime.devices import (
+        bf16_matmul_is_faster,
+        cpu_flags,
+        cpu_has_fast_bf16,
+        dtype_name,
+        resolve_device,
+        resolve_dtype,
+    )
     from ..runtime.executor import device_budget
     from ..runtime.memory import GB
     from ..runtime.quantize import supported_modes
@@ -57,7 +64,8 @@ def device(name: str = "auto") -> dict:
     flags = sorted(f for f in cpu_flags() if f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"))
     threads = decide()
     return {"device": label, "dtype_auto": dtype_name(resolve_dtype("auto", dev)),
-            "amx": dev.type == "cpu" and cpu_has_fast_bf16(), "free_gb": round(device_budget(dev) / GB, 1),
+            "amx": dev.type == "cpu" and cpu_has_fast_bf16(),
+            "bf16_compute": dev.type != "cpu" or bf16_matmul_is_faster(), "free_gb": round(device_budget(dev) / GB, 1),
             "quantization": supported_modes(dev), "cpu_flags": flags, "threads": threads.count,
             "threads_reason": threads.reason}
 

@@ -195,7 +195,7 @@ class Runtime(Strict):
     batch_size: Annotated[int, Field(ge=1, le=1000)] | None = Field(None, description=(
         "Images per forward pass (default: from free memory)."))
     compute: str = Field("auto", description=(
-        "auto: fp32 products for bf16 weights on CPUs without AMX; native: the weights' own dtype."),
+        "auto: fp32 products for bf16 weights on CPUs where fp32 multiplies faster; native: the weights' own dtype."),
         json_schema_extra={"enum": ["auto", "native"]})
     lean: bool = Field(True, description="Load FLUX.2 text encoders only up to the deepest layer they use.")
     kv_cache: bool = Field(True, description="Reuse reference K/V across steps (klein KV models).")
