@@ -504,3 +504,42 @@ def test_full_disk_names_the_last_complete_image(tiny_dirs, tmp_path, capsys, mo
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "the disk is full" in err and "the last complete image is" in err and "00001-1.png" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001-1.png"]
+
+
+@pytest.fixture
+def busy_machine(monkeypatch):
+    """Real neighbours computing on all CPUs but one, and the thread decision forgotten, so the next command
+    decides (and reports) a busy machine."""
+    import subprocess
+    import sys
+    import time
+
+    from fluxlab.runtime import threads
+
+    monkeypatch.delenv("FLUXLAB_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_applied", None)
+    cpus = threads.usable_cpus()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, cpus - 1))]
+    time.sleep(0.5)  # let them reach the run queue
+    try:
+        yield cpus
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+        threads.apply_threads()  # back to this machine's own decision for the tests that follow
+
+
+def test_a_busy_machine_adds_nothing_to_a_refusal(busy_machine, tmp_path, zips, tiny_dirs, inputs, capsys,
+                                                  monkeypatch):
+    """The busy-machine note is said once the input has passed its checks: refusals found while reading a zip or
+    loading a model stay one line, and a run that goes ahead says it."""
+    monkeypatch.chdir(tmp_path)
+    k = str(tiny_dirs["flux2-klein"])
+    check(capsys, tmp_path, _one_line(zips / "crc.zip", k), "is damaged")
+    check(capsys, tmp_path, gen(str(inputs / "corrupt-model")), "is not a valid safetensors file")
+    code, _, err = run(capsys, *gen(k, "--steps", 1))
+    assert code == 0, err
+    if busy_machine > 1:  # one CPU is never shared: there is nothing to say
+        assert err.count("busy machine") == 1, err

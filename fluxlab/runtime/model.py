@@ -357,7 +357,7 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
     t0 = time.perf_counter()
     source = source or fetch(locate(ref.name), ref.revision)
     dev = resolve_device(runtime.device)
-    dt = resolve_dtype(ref.dtype, dev)
+    dt = resolve_dtype(source.spec.dtype if ref.dtype == "auto" else ref.dtype, dev)
     # Models load into host memory; on a GPU the memory plan then decides what goes on the device.
     stage = dev if dev.type == "cpu" else torch.device("cpu")
     components = load_components(source.path, dt, stage,

@@ -129,21 +129,28 @@ def decide(requested: int | None = None, env: dict | None = None, cpus: int | No
 
 
 _applied: Threads | None = None
+_told: Threads | None = None
 
 
-def apply_threads(requested: int | None = None, notify=None) -> Threads:
-    """Set torch's intra-op threads by `decide` (once per distinct decision) and say so when the machine is
-    busy."""
+def apply_threads(requested: int | None = None) -> Threads:
+    """Set torch's intra-op threads by `decide` (once per distinct decision)."""
     global _applied
     t = decide(requested)
     if t != _applied:
         import torch
 
         torch.set_num_threads(t.count)
-        if notify is not None and t.reason.startswith("busy"):
-            notify(f"{t.reason}: using {t.count} torch thread(s) (set --threads or FLUXLAB_THREADS to choose)")
         _applied = t
     return t
+
+
+def tell_busy(t: Threads, notify) -> None:
+    """Say once per decision that a busy machine got fewer threads. Callers say it once the input has been checked
+    and the model loaded, so that a refusal stays one line (and a refused run leaves it for the next)."""
+    global _told
+    if t.reason.startswith("busy") and t != _told and notify is not None:
+        notify(f"{t.reason}: using {t.count} torch thread(s) (set --threads or FLUXLAB_THREADS to choose)")
+        _told = t
 
 
 def child_env(processes: int, env: dict | None = None) -> dict:

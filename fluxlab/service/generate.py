@@ -180,7 +180,7 @@ def generate(request: GenerateRequest | Prepared, model: ModelRef | str | None =
         writer = Writer(out.check([seed for _, _, seed in job.items()]), out.reproducible)
     from ..runtime.threads import apply_threads
 
-    threads = apply_threads(rt.threads, notify).count
+    applied = apply_threads(rt.threads)
     own_pool = None
     if loaded is None:
         if pool is None:
@@ -191,7 +191,7 @@ def generate(request: GenerateRequest | Prepared, model: ModelRef | str | None =
             emit(events, Loading(prep.source.label))
         loaded = pool.get(prep.ref, rt, notify, source=prep.source)
     try:
-        yield from _run(prep, loaded, events, cancel, writer, pool, threads)
+        yield from _run(prep, loaded, events, cancel, writer, pool, applied)
     finally:
         if own_pool is not None:
             own_pool.release()
@@ -200,8 +200,10 @@ def generate(request: GenerateRequest | Prepared, model: ModelRef | str | None =
 PHASES = ("load", "inputs", "encode", "prepare", "denoise", "decode")
 
 
-def _run(prep: Prepared, model, events, cancel, writer, pool, threads: int) -> Iterator:
-    job, rt = prep.job, prep.runtime
+def _run(prep: Prepared, model, events, cancel, writer, pool, applied) -> Iterator:
+    from ..runtime.threads import tell_busy
+
+    job, rt, threads = prep.job, prep.runtime, applied.count
     load_before = model.load_seconds - (pool.last_load_seconds if pool is not None else 0.0)
     encode_before = model.encode_seconds
     with model.notifying(lambda text: emit(events, Notice(text))):
@@ -215,6 +217,7 @@ def _run(prep: Prepared, model, events, cancel, writer, pool, threads: int) -> I
             model.encode_all(texts, release=True)
         # Loading and encoding done before the first batch are counted in its timings (what its PNGs record).
         ahead = {"load": model.load_seconds - load_before, "encode": model.encode_seconds - encode_before}
+        tell_busy(applied, model.notify)
         emit(events, Started(job.count, job.steps_run, model.label, round(ahead["load"], 4)))
         progress = _Progress(model, job, rt, events, cancel)
         batches: dict[tuple, dict] = {}

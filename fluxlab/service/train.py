@@ -58,7 +58,7 @@ def train(config: Job, *, events=None, cancel: CancelToken | None = None, device
           resume: bool = False, threads: int | None = None) -> TrainResult:
     """Train as `config` says (resume: continue its run folder from the last checkpoint)."""
     from ..runtime.loading import quiet_libraries
-    from ..runtime.threads import apply_threads
+    from ..runtime.threads import apply_threads, tell_busy
     from ..train.loop import Trainer
 
     def notify(text: str) -> None:
@@ -79,13 +79,14 @@ def train(config: Job, *, events=None, cancel: CancelToken | None = None, device
 
         check_state(inside(Path(config.process.training_folder), config.config.name, "config.name"))
     quiet_libraries()
-    apply_threads(threads, notify)
+    applied = apply_threads(threads)
     trainer = Trainer(config, notify=notify, device=device, on_step=on_step,
                       on_save=lambda step, path: emit(events, Saved(step, path)),
                       should_stop=(lambda: cancel.cancelled) if cancel is not None else None,
                       render_samples=lambda model, requests, step: render_samples(model, requests, step, events))
     try:
         trainer.setup()
+        tell_busy(applied, notify)  # once the datasets and the model have passed their checks
         final = trainer.train(resume=resume)
     finally:
         trainer.close()

@@ -45,6 +45,9 @@ class ModelSpec:
     fill: bool = False
     # A model shipped inside the package (a path relative to fluxlab/), needing no download.
     bundled: str = ""
+    # What `--dtype auto` means for this model: "auto" is bf16 on GPUs and AMX CPUs, fp32 elsewhere. The demo
+    # says fp32: at 11.8 MB bf16 saves nothing, and fp32 gives its image (and diffusers parity) on every CPU.
+    dtype: str = "auto"
 
     @property
     def distilled(self) -> bool:
@@ -159,7 +162,7 @@ CATALOG: dict[str, ModelSpec] = {
             text_encoder="bundled Qwen3-architecture toy encoder", license="apache-2.0", gated=False,
             sizes_gb={"transformer": 0.008, "text_encoder": 0.0007, "vae": 0.003},
             schedule=_KLEIN_SCHEDULE, min_side=64, max_side=256, default_size=(64, 64), max_references=4,
-            bundled="demo/model",
+            bundled="demo/model", dtype="fp32",
         ),
         ModelSpec(
             name="flux1-kontext-dev",
@@ -178,7 +181,8 @@ CATALOG: dict[str, ModelSpec] = {
 
 
 # Defaults a pipeline directory may state for itself in fluxlab.json (the files say nothing of them).
-OVERRIDABLE = ("description", "steps", "guidance", "max_sequence_length", "min_side", "max_side", "default_size")
+OVERRIDABLE = ("description", "steps", "guidance", "max_sequence_length", "min_side", "max_side", "default_size",
+               "dtype")
 
 
 def text_encoder_layers(num_layers: int) -> tuple[int, int, int]:
