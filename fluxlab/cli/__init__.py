@@ -37,8 +37,10 @@ def escape(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry: one line and exit 2 for user errors, 130 on Ctrl-C, never a traceback for those."""
+    from ..runtime.loading import quiet_logging
     from ..service.events import Cancelled
 
+    quiet_logging()
     for console in (out, err):  # into a file or a pipe, tables keep every name and number whole
         if not console.is_terminal:
             console.width = max(console.width, 200)
@@ -85,4 +87,4 @@ def run() -> None:
     sys.exit(main())
 
 
-from . import batch, generate, grid, info, lora, presets, serve, train  # noqa: E402, F401  (each registers its commands)
+from . import batch, generate, grid, info, lora, presets, quantize, serve, train  # noqa: E402, F401  (each registers its commands)

@@ -77,7 +77,9 @@ FLUX1_FUSED: list[tuple[tuple[str, ...], str]] = [
     ((*(f"single_transformer_blocks.{{i}}.attn.to_{x}" for x in "qkv"), "single_transformer_blocks.{i}.proj_mlp"),
      "single_blocks.{i}.linear1"),
 ]
+FLUX1_NORMS = FLUX2_NORMS  # the same q/k RMSNorm places and names in both generations
 TABLES = {"flux1": (FLUX1_MODULES, FLUX1_FUSED), "flux2": (FLUX2_MODULES, FLUX2_FUSED)}
+NORMS = {"flux1": FLUX1_NORMS, "flux2": FLUX2_NORMS}
 
 
 def bfl_module(module: str, family: str) -> tuple[str, int, int] | None:
@@ -100,12 +102,14 @@ def _regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-def flux2_to_bfl(sd: dict) -> dict:
-    """A diffusers-named FLUX.2 transformer state dict in BFL names (weights shared, fused where BFL fuses)."""
+def transformer_to_bfl(sd: dict, family: str) -> dict:
+    """A diffusers-named FLUX.1/FLUX.2 transformer state dict in BFL names (weights shared, fused where BFL
+    fuses): the layout of BFL's checkpoints, ComfyUI and community GGUF files."""
     import torch
 
+    modules, fused = TABLES[family]
     out, used = {}, set()
-    for parts, bfl in FLUX2_FUSED:
+    for parts, bfl in fused:
         rx = _regex(parts[0])
         for key in sd:
             module, _, param = key.rpartition(".")
@@ -115,7 +119,7 @@ def flux2_to_bfl(sd: dict) -> dict:
                 names = [p.replace("{i}", i) + "." + param for p in parts]
                 out[bfl.replace("{i}", i) + "." + param] = torch.cat([sd[n] for n in names], dim=0)
                 used.update(names)
-    for table, norm in ((FLUX2_MODULES, False), (FLUX2_NORMS, True)):
+    for table, norm in ((modules, False), (NORMS[family], True)):
         for dif, bfl in table:
             rx = _regex(dif)
             for key, value in sd.items():

@@ -7,6 +7,7 @@ model objects from safetensors files only (never pickle), and never runs code sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, replace
@@ -237,6 +238,24 @@ LEAN_ENCODERS = {"Qwen3ForCausalLM": "Qwen3Model", "Qwen3Model": "Qwen3Model",
                  "Mistral3ForConditionalGeneration": "Mistral3Model"}
 
 
+def lean_config(folder: Path):
+    """A FLUX.2 text encoder's config cut after the deepest layer FLUX.2 reads (see load_lean_encoder)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    text_cfg = getattr(cfg, "text_config", cfg)
+    text_cfg.num_hidden_layers = max(text_encoder_layers(text_cfg.num_hidden_layers))
+    return cfg
+
+
+def _cut_norm(model):
+    import torch
+
+    decoder = getattr(model, "language_model", model)
+    decoder.norm = torch.nn.Identity()
+    return model.eval()
+
+
 def load_lean_encoder(folder: Path, cls: str, dtype):
     """A FLUX.2 text encoder cut after the deepest layer FLUX.2 reads (3L/4 of L), without its LM head.
 
@@ -245,26 +264,117 @@ def load_lean_encoder(folder: Path, cls: str, dtype):
     made the identity, because a model cut at layer k would otherwise normalise the state it returns as
     hidden_states[k], which the full model leaves unnormalised.
     """
-    import torch
     import transformers
 
-    cfg = transformers.AutoConfig.from_pretrained(folder)
-    text_cfg = getattr(cfg, "text_config", cfg)
-    layers = text_encoder_layers(text_cfg.num_hidden_layers)
-    text_cfg.num_hidden_layers = max(layers)
-    model = getattr(transformers, LEAN_ENCODERS[cls]).from_pretrained(folder, config=cfg, dtype=dtype,
-                                                                     use_safetensors=True)
-    decoder = getattr(model, "language_model", model)
-    decoder.norm = torch.nn.Identity()
+    model = getattr(transformers, LEAN_ENCODERS[cls]).from_pretrained(folder, config=lean_config(folder),
+                                                                     dtype=dtype, use_safetensors=True)
+    return _cut_norm(model)
+
+
+@contextlib.contextmanager
+def _own_pages():
+    """While quantizing layer by layer: every buffer of 1 MB or more gets its own pages from the system (glibc's
+    mmap threshold fixed at 1 MB), and free pages go back after each layer (malloc_trim). Otherwise glibc keeps
+    reusing heap blocks of the sizes the program has been freeing (its threshold adapts upwards to 32 MB), and
+    int8 layers end up interleaved with freed full-precision ones: 20% more resident memory than the weights on
+    a test model. Afterwards the threshold is left at 32 MB, where the adaptive one ends in a torch process.
+    A no-op where the C library is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (both or neither)
+    except (OSError, AttributeError):
+        yield lambda: None
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield lambda: libc.malloc_trim(0)
+    finally:
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+
+
+def _layerwise_recipe(folder: Path, cls: str, dtype, lean_encoder: bool):
+    """How to build a component layer by layer (runtime.reader): (make, name prefixes in its files, whether to
+    cut the final norm), or None for the classes this does not cover (they load whole)."""
+    if cls in ("Flux2Transformer2DModel", "FluxTransformer2DModel"):
+        import diffusers
+
+        model_cls = getattr(diffusers, cls)
+        cfg = model_cls.load_config(folder)
+        return (lambda: model_cls.from_config(cfg)), ("",), False
+    if lean_encoder and LEAN_ENCODERS.get(cls) == "Qwen3Model":
+        import transformers
+
+        cfg = lean_config(folder)
+        return (lambda: transformers.Qwen3Model._from_config(cfg, dtype=dtype)), ("", "model."), True
+    if cls in ("T5EncoderModel", "CLIPTextModel", "Qwen3Model"):
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(folder)
+        model_cls = getattr(transformers, cls)
+        return (lambda: model_cls._from_config(cfg, dtype=dtype)), ("",), False
+    return None
+
+
+def quantized_component(folder: Path, cls: str, dtype, mode: str, lean_encoder: bool):
+    """The transformer or a lean Qwen3 text encoder built layer by layer from its files, each Linear quantized
+    (int8/fp8, torchao) as soon as its weights are read, so no full-precision copy of the model is ever held
+    (runtime.reader). None for the classes this does not cover (they load whole, then quantize)."""
+    from .quantize import quantize_linear
+    from .reader import build_layerwise
+
+    recipe = _layerwise_recipe(folder, cls, dtype, lean_encoder)
+    if recipe is None or cls in ("T5EncoderModel", "CLIPTextModel", "Qwen3Model"):
+        return None  # whole-then-quantize for these, as before
+    make, prefixes, cut = recipe
+    with _own_pages() as trim:
+        def on_linear(module):
+            quantize_linear(module, mode)
+            trim()  # the layer's full-precision buffers go back to the system now, not at the end
+
+        model = build_layerwise(make, sorted(folder.glob("*.safetensors")), dtype, on_linear, prefixes=prefixes)
+    if cut:
+        model = _cut_norm(model)
+    model.fluxlab_quantized = mode
     return model.eval()
 
 
-def _component(path: Path, name: str, index: dict, dtype, lean: bool = True):
+def streamed_component(folder: Path, cls: str, dtype, lean_encoder: bool):
+    """A transformer or text encoder whose blocks stay in its files and are read each time they run
+    (runtime.streaming: `--memory low` on a CPU). None for the classes this does not cover."""
+    from .reader import build_layerwise
+
+    recipe = _layerwise_recipe(folder, cls, dtype, lean_encoder)
+    if recipe is None:
+        return None
+    make, prefixes, cut = recipe
+    model = build_layerwise(make, sorted(folder.glob("*.safetensors")), dtype, prefixes=prefixes, stream=True)
+    if cut:
+        model = _cut_norm(model)
+    return model.eval()
+
+
+def _component(path: Path, name: str, index: dict, dtype, lean: bool = True, quantize: str | None = None,
+               stream: bool = False):
     lib, cls = index[name]
     folder = path / name
     if not folder.is_dir():
         raise UserError(f"{path} is missing the {name}/ folder that its model_index.json lists")
-    if lean and name == "text_encoder" and cls in LEAN_ENCODERS and index.get("_class_name") in FLUX2_PIPELINES:
+    lean_encoder = (lean and name == "text_encoder" and cls in LEAN_ENCODERS
+                    and index.get("_class_name") in FLUX2_PIPELINES)
+    if stream and not name.startswith(("vae", "tokenizer")):
+        check_safetensors(folder.glob("*.safetensors"))
+        model = streamed_component(folder, cls, dtype, lean_encoder)
+        if model is not None:
+            return model
+    if quantize in ("int8", "fp8") and not name.startswith(("vae", "tokenizer")):
+        check_safetensors(folder.glob("*.safetensors"))
+        model = quantized_component(folder, cls, dtype, quantize, lean_encoder)
+        if model is not None:
+            return model
+    if lean_encoder:
         check_safetensors(folder.glob("*.safetensors"))
         return load_lean_encoder(folder, cls, dtype)
     if cls in DIFFUSERS_CLASSES:
@@ -286,15 +396,22 @@ def _component(path: Path, name: str, index: dict, dtype, lean: bool = True):
     raise UserError(f"{folder} has component class {lib}.{cls}, which fluxlab does not load")
 
 
-def quiet_libraries() -> None:
-    """Silence what the libraries print that users cannot act on: per-file loading progress bars, torchao's
-    notes about optional CUDA kernels missing on a CPU-only machine, torch's deprecation chatter. Must run
-    before diffusers is first imported (some of it is printed at import)."""
+def quiet_logging() -> None:
+    """Lower the log levels of what the libraries print at import that users cannot act on: torchao's notes
+    about optional CUDA kernels missing on a CPU-only machine, torch's deprecation chatter, diffusers' and
+    transformers' warnings about optional integrations. Imports nothing, so the CLI calls it first thing; it
+    must run before the first of those libraries is imported."""
     import logging
 
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("torch.utils._pytree", "torchao"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    """quiet_logging, and no per-file loading progress bars."""
+    quiet_logging()
     import diffusers
     import transformers
 
@@ -369,11 +486,13 @@ def freeze_imported(index: dict, needed: list[str]) -> None:
     _frozen = True
 
 
-def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True
-                    ) -> Components:
+def load_components(path: Path, dtype, device, transformer_file: str | None = None, lean: bool = True,
+                    quantize: str | None = None, stream: bool = False) -> Components:
     """A pipeline's parts, loaded on first use onto `device`. Files are checked now (headers only), so a
     corrupt or missing file is reported before any work starts. `lean` cuts FLUX.2 text encoders after the
-    deepest layer used (see load_lean_encoder); `lean=False` loads them whole, as diffusers does."""
+    deepest layer used (see load_lean_encoder); `lean=False` loads them whole, as diffusers does. `quantize`
+    (int8, fp8) quantizes the transformer and text encoders while they load (quantized_component); `stream`
+    leaves their blocks in the files, read each time they run (streamed_component)."""
     quiet_libraries()
     index, needed = check_model_files(path)
     freeze_imported(index, needed)
@@ -381,7 +500,7 @@ def load_components(path: Path, dtype, device, transformer_file: str | None = No
     if transformer_file:
         from .singlefile import check_transformer_file
 
-        check_transformer_file(transformer_file)
+        check_transformer_file(transformer_file, path / "transformer")
 
     def loader(name):
         def load():
@@ -390,8 +509,8 @@ def load_components(path: Path, dtype, device, transformer_file: str | None = No
 
                 m = load_transformer_file(transformer_file, path / "transformer", dtype)
             else:
-                m = _component(path, name, index, dtype, lean)
-            if hasattr(m, "to") and not name.startswith("tokenizer"):
+                m = _component(path, name, index, dtype, lean, quantize, stream)
+            if hasattr(m, "to") and not name.startswith("tokenizer") and not hasattr(m, "fluxlab_stream"):
                 m.to(device)
                 m.requires_grad_(False)
             return m

@@ -338,6 +338,19 @@ def free_memory(device=None) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def streams_from_disk(runtime: Runtime, device, ref: ModelRef | None = None) -> bool:
+    """`--memory low` on a CPU: blocks are read from the model's files as they run (runtime.streaming). What
+    changes those weights (quantization, another transformer file, LoRAs) is refused with it."""
+    if runtime.memory != "low" or device.type != "cpu":
+        return False
+    clash = [flag for flag, on in (("--quantize", ref.quantize), ("--transformer", ref.transformer),
+                                   ("--lora", ref.loras)) if on] if ref is not None else []
+    if clash:
+        raise UserError(f"--memory low on a CPU streams the blocks from the model's own files and does not combine "
+                        f"with {', '.join(clash)}; drop {clash[0]} or use --memory auto")
+    return True
+
+
 def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], None] | None = None,
          source=None) -> LoadedModel:
     """Load the base weights `ref` names (LoRAs are activated per job: LoadedModel.adapters) and keep them.
@@ -360,9 +373,13 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
     dt = resolve_dtype(source.spec.dtype if ref.dtype == "auto" else ref.dtype, dev)
     # Models load into host memory; on a GPU the memory plan then decides what goes on the device.
     stage = dev if dev.type == "cpu" else torch.device("cpu")
+    stream = streams_from_disk(runtime, dev, ref)
+    if stream:
+        notify("--memory low: transformer blocks and text-encoder layers are read from the model's files as they "
+               "run (same image, a fraction of the memory)")
     components = load_components(source.path, dt, stage,
                                  transformer_file=ref.transformer.path if ref.transformer else None,
-                                 lean=runtime.lean)
+                                 lean=runtime.lean, quantize=ref.quantize, stream=stream)
     if ref.quantize:
         from .quantize import quantize_on_load
 

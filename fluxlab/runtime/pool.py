@@ -20,7 +20,8 @@ GB = 1024**3
 
 
 def pool_key(ref: ModelRef, runtime: Runtime) -> tuple:
-    return (ref.base(), runtime.device, runtime.compute, runtime.lean)
+    # --memory low on a CPU is a way of loading (blocks left in the files), so such a model is kept apart.
+    return (ref.base(), runtime.device, runtime.compute, runtime.lean, runtime.memory == "low")
 
 
 def estimate_bytes(source, dtype_name: str, quantize: str | None) -> int:

@@ -1,8 +1,9 @@
-"""Single-file transformer checkpoints (BFL or diffusers key names) over a base model's config.
+"""Single-file transformer checkpoints (BFL or diffusers key names, or GGUF) over a base model's config.
 
 People share fine-tuned FLUX transformers as one .safetensors file, in BFL's original key names (as ComfyUI and
-BFL's code write them, sometimes under `model.diffusion_model.`) or in diffusers' names. diffusers' own
-converters rename BFL keys; the base model's transformer config gives the architecture.
+BFL's code write them, sometimes under `model.diffusion_model.`) or in diffusers' names, and quantized ones as
+GGUF (gguf_files). diffusers' own converters rename BFL keys; the base model's transformer config gives the
+architecture.
 """
 
 from __future__ import annotations
@@ -24,29 +25,48 @@ def _bfl_to_diffusers(sd: dict, family: str) -> dict:
     return sfu.convert_flux_transformer_checkpoint_to_diffusers(sd)
 
 
-def check_transformer_file(file: str) -> Path:
+def check_transformer_file(file: str, config_dir: Path | None = None) -> Path:
+    """Check a single-file transformer's format (and for GGUF, that it holds the base model's family)."""
     f = Path(file).expanduser()
     if not f.is_file():
         raise UserError(f"transformer file {file} does not exist")
+    if f.suffix == ".gguf":
+        from .gguf_files import check_gguf
+
+        check_gguf(f, config_family(config_dir)[1] if config_dir is not None else None)
+        return f
     if f.suffix != ".safetensors":
-        raise UserError(f"transformer file {file} is not a .safetensors file (fluxlab never loads pickle checkpoints)")
+        raise UserError(f"transformer file {file} is neither .safetensors nor .gguf (fluxlab never loads pickle "
+                        f"checkpoints)")
     check_safetensors([f])
     return f
 
 
-def load_transformer_file(file: str, config_dir: Path, dtype):
-    """A single-file transformer checkpoint (BFL or diffusers key names) on the base model's config."""
-    import diffusers
-    import torch
-    from safetensors.torch import load_file
-
-    f = check_transformer_file(file)
-    sd = load_file(str(f))
+def config_family(config_dir: Path) -> tuple[str, str]:
+    """The transformer class a base model's config names, and its family."""
     cfg = read_json(config_dir / "config.json")
     cls = cfg.get("_class_name")
     if cls not in ("Flux2Transformer2DModel", "FluxTransformer2DModel"):
         raise UserError(f"{config_dir}/config.json describes {cls}, not a FLUX transformer")
-    family = "flux2" if cls == "Flux2Transformer2DModel" else "flux1"
+    return cls, "flux2" if cls == "Flux2Transformer2DModel" else "flux1"
+
+
+def load_transformer_file(file: str, config_dir: Path, dtype):
+    """A single-file transformer checkpoint (safetensors in BFL or diffusers key names, or GGUF) on the base
+    model's config."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    cls, family = config_family(config_dir)
+    f = Path(file).expanduser()
+    if f.suffix == ".gguf":
+        from .gguf_files import load_gguf_transformer
+
+        return load_gguf_transformer(f, config_dir, dtype, family)
+    f = check_transformer_file(file)
+    sd = load_file(str(f))
+    cfg = read_json(config_dir / "config.json")
     if any(k.startswith(("double_blocks.", "single_blocks.", "model.diffusion_model.")) for k in sd):
         try:
             sd = _bfl_to_diffusers(sd, family)

@@ -48,15 +48,18 @@ class Pipeline:
     def set_plan(self, plan) -> None:
         self.model.set_plan(plan)
 
-    def generate(self, request: GenerateRequest | None = None, **fields) -> list:
+    def generate(self, request: GenerateRequest | str | None = None, **fields) -> list:
+        """The images of one request: a GenerateRequest, or its fields (a plain string is the prompt)."""
         return list(self.generate_iter(request, **fields))
 
-    def generate_iter(self, request: GenerateRequest | None = None, *, batch_size: int | None = None,
+    def generate_iter(self, request: GenerateRequest | str | None = None, *, batch_size: int | None = None,
                       events: Callable | None = None, cancel=None, loras=None, **fields) -> Iterator:
         """Like generate(), yielding each image as soon as its batch is decoded. `loras` (["file:scale", ...])
         switches LoRAs for this call on the loaded base."""
         from .generate import generate
 
+        if isinstance(request, str):
+            request, fields = None, {"prompt": request, **fields}
         req = request if request is not None else make_request(**fields)
         ref = self.ref if loras is None else self.ref.model_copy(update={"loras": tuple(lora_ref(x) for x in loras)})
         rt = self.runtime if batch_size is None else self.runtime.model_copy(update={"batch_size": batch_size})
@@ -83,8 +86,9 @@ def load(model: str | ModelRef, device: str = "auto", dtype: str = "auto", trans
     """Load a model (catalog name, local diffusers directory, or hub repo id) and keep it in memory.
 
     memory (auto | speed | balanced | low) and budget ("6GB") steer the memory planner; quantize (int8 | fp8 |
-    nf4) quantizes the transformer's and text encoders' weights. compute="auto" runs bf16 weights' matmuls in fp32
-    on CPUs without AMX, where that is faster; "native" keeps bf16 arithmetic. loras: ["path:scale", (path,
+    nf4) quantizes the transformer's and text encoders' weights; transformer= a single-file transformer
+    (.safetensors or .gguf). compute="auto" runs bf16 weights' matmuls in fp32 on CPUs where that is faster;
+    "native" keeps bf16 arithmetic. loras: ["path:scale", (path,
     scale), ...], stacked, switched on the loaded base per call (fuse_lora merges them into the weights).
     """
     from ..runtime.model import load as load_model

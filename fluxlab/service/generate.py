@@ -72,6 +72,9 @@ def check_runtime(runtime: Runtime, ref: ModelRef) -> None:
     from ..runtime.devices import resolve_device
 
     device = resolve_device(runtime.device)
+    from ..runtime.model import streams_from_disk
+
+    streams_from_disk(runtime, device, ref)
     if ref.quantize:
         from ..runtime.quantize import supported_modes
 
