@@ -30,17 +30,21 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "bench/cache/klein-4b"))
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--workdir", help="keep the GGUF files and images here (GGUF files found there are reused)")
     ap.add_argument("--modes", default="diffusers,bf16,low,int8,q8_0,q8_0+int8,q4_0+int8")
     a = ap.parse_args()
     from fluxlab.runtime.devices import cpu_summary
 
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp())
+    tmp.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     modes = a.modes.split(",")
     ggufs = {}
     for kind in ("q8_0", "q4_0"):
         if any(m.startswith(kind) for m in modes):
             ggufs[kind] = tmp / f"{kind}.gguf"
+            if ggufs[kind].is_file():
+                continue
             t0 = time.perf_counter()
             wall, peak = run_child([py, "-m", "fluxlab", "quantize", a.model, "--to", kind, "-o", str(ggufs[kind])])
             print(f"fluxlab quantize --to {kind}: {time.perf_counter() - t0:.0f} s, peak RSS {peak / 2**30:.2f} GiB, "

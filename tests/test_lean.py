@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import run
 from PIL import Image
+from safetensors.torch import save_file
 
 from fluxlab.cli import main
 from fluxlab.runtime.keys import transformer_to_bfl
@@ -258,12 +259,28 @@ def test_streaming_from_the_files_is_bit_equal_to_resident(tiny_dirs, tiny_pipes
     assert transformer.fluxlab_stream.reads >= 3 * len(blocks)
 
 
-def test_streaming_refuses_what_changes_the_weights(capsys, tmp_path, ggufs):
-    for extra, flag in ((["--quantize", "int8"], "--quantize"), (["--transformer", ggufs["q8_0"]], "--transformer")):
+def test_streaming_refuses_what_changes_the_weights_and_keeps_a_gguf_loaded(capsys, tmp_path, ggufs):
+    """--quantize and LoRAs change the weights the files hold: refused with --memory low, in one line. A GGUF
+    transformer stays loaded while the text encoder streams, and draws what it draws resident."""
+    from test_lora import random_lora
+
+    import fluxlab
+    from fluxlab.runtime.streaming import is_streamed
+
+    save_file(random_lora(fluxlab.load("demo", notify=lambda m: None).model.components.transformer),
+              tmp_path / "lora.safetensors")
+    for extra, flag in ((["--quantize", "int8"], "--quantize"), (["--lora", tmp_path / "lora.safetensors"], "--lora")):
         code, _, err = run(capsys, "generate", PROMPT, "-m", "demo", "--memory", "low", "--device", "cpu", *extra,
                            "-o", tmp_path / "o.png")
         assert code == 2 and len(err.strip().splitlines()) == 1 and f"does not combine with {flag}" in err, err
     assert not (tmp_path / "o.png").exists()
+    kw = dict(prompt=PROMPT, seed=2, steps=4)
+    low = fluxlab.load("demo", transformer=str(ggufs["q8_0"]), memory="low", notify=lambda m: None)
+    streamed = low.generate(**kw)[0].latents
+    components = low.model.components
+    assert is_streamed(components.text_encoder) and not is_streamed(components.transformer)
+    resident = fluxlab.load("demo", transformer=str(ggufs["q8_0"]), notify=lambda m: None)
+    assert torch.equal(streamed, resident.generate(**kw)[0].latents)
 
 
 STREAM_PEAK = textwrap.dedent("""

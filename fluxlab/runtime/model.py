@@ -340,11 +340,12 @@ def free_memory(device=None) -> None:
 
 def streams_from_disk(runtime: Runtime, device, ref: ModelRef | None = None) -> bool:
     """`--memory low` on a CPU: blocks are read from the model's files as they run (runtime.streaming). What
-    changes those weights (quantization, another transformer file, LoRAs) is refused with it."""
+    changes those weights (quantization, LoRAs) is refused with it; a --transformer file (a GGUF) stays loaded
+    while the text encoders stream."""
     if runtime.memory != "low" or device.type != "cpu":
         return False
-    clash = [flag for flag, on in (("--quantize", ref.quantize), ("--transformer", ref.transformer),
-                                   ("--lora", ref.loras)) if on] if ref is not None else []
+    clash = [flag for flag, on in (("--quantize", ref.quantize), ("--lora", ref.loras)) if on] \
+        if ref is not None else []
     if clash:
         raise UserError(f"--memory low on a CPU streams the blocks from the model's own files and does not combine "
                         f"with {', '.join(clash)}; drop {clash[0]} or use --memory auto")
@@ -375,8 +376,10 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
     stage = dev if dev.type == "cpu" else torch.device("cpu")
     stream = streams_from_disk(runtime, dev, ref)
     if stream:
-        notify("--memory low: transformer blocks and text-encoder layers are read from the model's files as they "
-               "run (same image, a fraction of the memory)")
+        what = ("text-encoder layers are read from the model's files as they run; the --transformer file stays "
+                "loaded" if ref.transformer else "transformer blocks and text-encoder layers are read from the "
+                "model's files as they run")
+        notify(f"--memory low: {what} (same image, a fraction of the memory)")
     components = load_components(source.path, dt, stage,
                                  transformer_file=ref.transformer.path if ref.transformer else None,
                                  lean=runtime.lean, quantize=ref.quantize, stream=stream)
