@@ -181,11 +181,6 @@ PEAK = textwrap.dedent("""
     warm = torch.nn.Linear(64, 64).to(torch.bfloat16)
     quantize_model(warm, "int8", None)  # nor torchao's first-call setup
 
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
     folder, how = Path(sys.argv[1]), sys.argv[2]
     diffusers.Flux2Transformer2DModel.load_config(folder)
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak count (VmHWM) here
@@ -213,9 +208,17 @@ def transformer_190mb(folder) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+STATUS = """
+def status(key):  # a /proc/self/status figure, in bytes (VmRSS now, VmHWM the peak since clear_refs)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+"""
+
+
 def measure(script: str, folder, how: str) -> dict:
-    """Run a measuring script in a fresh process (one torch thread); its last line, as JSON."""
-    out = subprocess.run([sys.executable, "-c", script, str(folder), how], capture_output=True, text=True,
+    """Run a measuring script (given `status`) in a fresh process (one torch thread); its last line, as JSON."""
+    out = subprocess.run([sys.executable, "-c", STATUS + script, str(folder), how], capture_output=True, text=True,
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -290,11 +293,6 @@ STREAM_PEAK = textwrap.dedent("""
     from fluxlab.runtime.loading import streamed_component
     import diffusers
 
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
     folder, how = Path(sys.argv[1]), sys.argv[2]
     config = diffusers.Flux2Transformer2DModel.load_config(folder)
     torch.manual_seed(0)
@@ -331,3 +329,35 @@ def test_streaming_never_holds_the_blocks(tmp_path):
     assert got["stream"]["sum"] == got["resident"]["sum"]
     stream, resident = got["stream"]["peak"], got["resident"]["peak"]
     assert resident > bf16 and resident - stream > 0.6 * bf16 and stream < 0.6 * bf16, (got, bf16)
+
+
+WRITE_PEAK = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from fluxlab.runtime.gguf_files import write_gguf
+    from fluxlab.runtime.reader import TensorFiles
+
+    folder, how = Path(sys.argv[1]), sys.argv[2]
+    import gguf, numpy, torch  # noqa: F401  (imported before the count starts)
+    open("/proc/self/clear_refs", "w").write("5")
+    before = status("VmRSS")
+    files = sorted(folder.glob("*.safetensors"))
+    if how == "tensorwise":
+        source = TensorFiles(files)
+    else:
+        from safetensors.torch import load_file
+        source = load_file(str(files[0]))
+    info = write_gguf(source, "flux2", folder / f"{how}.gguf", "q8_0")
+    print(json.dumps({"peak": status("VmHWM") - before, "bytes": info["bytes"]}))
+""")
+
+
+def test_writing_a_gguf_holds_one_tensor_at_a_time(tmp_path):
+    """`fluxlab quantize` reads, quantizes and writes one tensor at a time: writing the ~190 MB bf16 transformer
+    as Q8_0 peaks under a third of its size (measured 40 MB against 238 MB; 201 MB of weights), where writing
+    from a loaded state dict holds it all (the measurement's own check). The two files are identical."""
+    bf16 = transformer_190mb(tmp_path / "t")
+    tensorwise = measure(WRITE_PEAK, tmp_path / "t", "tensorwise")
+    whole = measure(WRITE_PEAK, tmp_path / "t", "whole")
+    assert (tmp_path / "t" / "tensorwise.gguf").read_bytes() == (tmp_path / "t" / "whole.gguf").read_bytes()
+    assert tensorwise["peak"] < bf16 / 3 and whole["peak"] > bf16, (tensorwise, whole, bf16)

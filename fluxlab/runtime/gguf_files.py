@@ -115,35 +115,54 @@ def quantizable(shape: tuple, block: int) -> bool:
     return len(shape) == 2 and shape[-1] % block == 0 and shape[0] > 1
 
 
-def write_gguf(state: dict, family: str, out: Path, kind: str, notify=None) -> dict:
-    """Write a diffusers-named transformer state dict as a GGUF file (BFL names), quantizing 2-D weights to
-    `kind` (q8_0 or q4_0). Written atomically. Returns {"quantized", "kept", "bytes"}."""
+def write_gguf(state, family: str, out: Path, kind: str, notify=None) -> dict:
+    """Write a diffusers-named transformer as a GGUF file (BFL names), quantizing 2-D weights to `kind` (q8_0 or
+    q4_0). `state` is a state dict or a reader.TensorFiles: the tensor table is written first from the shapes,
+    then each tensor is made, quantized and written in turn, so what is held at once is one tensor (a whole
+    klein-4B held 12.2 GiB this way round: every tensor and its quantized copy). Written atomically. Returns
+    {"quantized", "kept", "bytes"}."""
+    import math
+
+    import numpy as np
+
     gguf = require_gguf()
     if kind not in WRITABLE:
         raise UserError(f"unknown GGUF type {kind!r}; fluxlab writes: {', '.join(WRITABLE)}")
     from ..files import atomic_write
-    from .keys import transformer_to_bfl
+    from .keys import bfl_recipe, bfl_shape, bfl_tensor
 
     qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    tensors = transformer_to_bfl(state, family)
+    recipe = bfl_recipe(state.keys(), family)
+
+    def shape_of(key: str) -> tuple:
+        entries = getattr(state, "entries", None)
+        return tuple(entries[key][2]) if entries is not None else tuple(state[key].shape)
+
+    shapes = {name: bfl_shape(how, [shape_of(k) for k in keys]) for name, (how, keys) in recipe.items()}
     counts = {"quantized": 0, "kept": 0}
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch="flux")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_file_type({"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind])
-        for name, value in tensors.items():
-            a = value.float().numpy()
-            if quantizable(a.shape, block):
-                w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-                counts["quantized"] += 1
+        for name, shape in shapes.items():
+            if quantizable(shape, block):
+                stored = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+                w.add_tensor_info(name, stored, np.dtype(np.uint8), math.prod(stored), raw_dtype=qtype)
             else:
-                w.add_tensor(name, a)
-                counts["kept"] += 1
+                w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * math.prod(shape))
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for name, (how, keys) in recipe.items():
+            a = bfl_tensor(how, [state[k] for k in keys]).float().numpy()
+            if quantizable(shapes[name], block):
+                w.write_tensor_data(gguf.quants.quantize(a, qtype))
+                counts["quantized"] += 1
+            else:
+                w.write_tensor_data(a)
+                counts["kept"] += 1
         w.close()
 
     atomic_write(out, write)

@@ -102,39 +102,62 @@ def _regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-def transformer_to_bfl(sd: dict, family: str) -> dict:
-    """A diffusers-named FLUX.1/FLUX.2 transformer state dict in BFL names (weights shared, fused where BFL
-    fuses): the layout of BFL's checkpoints, ComfyUI and community GGUF files."""
-    import torch
-
+def bfl_recipe(keys, family: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """How each BFL tensor of a FLUX.1/FLUX.2 transformer is made from diffusers-named ones, reading no
+    values: BFL name -> (how, diffusers keys), how being "cat" (fused along dim 0: qkv, FLUX.1's linear1),
+    "swap" (the two halves exchanged: the final modulation) or "same". Raises ValueError for a key with no
+    BFL name."""
+    keys = list(keys)
     modules, fused = TABLES[family]
     out, used = {}, set()
     for parts, bfl in fused:
         rx = _regex(parts[0])
-        for key in sd:
+        for key in keys:
             module, _, param = key.rpartition(".")
             m = rx.match(module)
             if m:
                 i = m.group("i")
-                names = [p.replace("{i}", i) + "." + param for p in parts]
-                out[bfl.replace("{i}", i) + "." + param] = torch.cat([sd[n] for n in names], dim=0)
+                names = tuple(p.replace("{i}", i) + "." + param for p in parts)
+                out[bfl.replace("{i}", i) + "." + param] = ("cat", names)
                 used.update(names)
     for table, norm in ((modules, False), (NORMS[family], True)):
         for dif, bfl in table:
             rx = _regex(dif)
-            for key, value in sd.items():
+            for key in keys:
                 module, _, param = key.rpartition(".")
                 m = rx.match(module)
                 if not m or key in used:
                     continue
                 i = m.groupdict().get("i", "")
                 new_param = "scale" if norm and param == "weight" else param
-                if dif in SWAPPED:
-                    shift_half, scale_half = value.chunk(2, dim=0)[1], value.chunk(2, dim=0)[0]
-                    value = torch.cat([shift_half, scale_half], dim=0)
-                out[bfl.replace("{i}", i) + "." + new_param] = value
+                out[bfl.replace("{i}", i) + "." + new_param] = ("swap" if dif in SWAPPED else "same", (key,))
                 used.add(key)
-    left = sorted(set(sd) - used)
+    left = sorted(set(keys) - used)
     if left:
         raise ValueError(f"no BFL name for {len(left)} key(s), e.g. {left[0]}")
     return out
+
+
+def bfl_shape(how: str, shapes: list[tuple]) -> tuple:
+    """The shape a recipe entry makes from its parts' shapes."""
+    if how == "cat":
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return tuple(shapes[0])
+
+
+def bfl_tensor(how: str, parts: list):
+    """Make one BFL tensor from its diffusers parts (bfl_recipe)."""
+    import torch
+
+    if how == "cat":
+        return torch.cat(parts, dim=0)
+    if how == "swap":
+        scale_half, shift_half = parts[0].chunk(2, dim=0)
+        return torch.cat([shift_half, scale_half], dim=0)
+    return parts[0]
+
+
+def transformer_to_bfl(sd: dict, family: str) -> dict:
+    """A diffusers-named FLUX.1/FLUX.2 transformer state dict in BFL names (weights shared, fused where BFL
+    fuses): the layout of BFL's checkpoints, ComfyUI and community GGUF files."""
+    return {name: bfl_tensor(how, [sd[k] for k in keys]) for name, (how, keys) in bfl_recipe(sd, family).items()}

@@ -62,6 +62,8 @@ class TensorFiles:
             raise UserError(f"{path} is truncated: tensor {name} needs {end - start} bytes, the file has {got}")
         return buf.view(getattr(torch, DTYPES[dtype])).reshape(shape)
 
+    __getitem__ = read  # a read-on-demand mapping: keys() and [name]
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

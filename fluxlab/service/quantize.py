@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def quantize(model: str, to: str, out: str, notify=None) -> dict:
-    """Read MODEL's transformer (catalog name, local diffusers directory or hub repo) one safetensors file at a
-    time and write it to OUT as GGUF. Returns what was written."""
+    """Read MODEL's transformer (catalog name, local diffusers directory or hub repo) one tensor at a time and
+    write it to OUT as GGUF. Returns what was written."""
     from ..errors import UserError
     from ..files import check_file_target, check_safetensors
     from ..runtime.gguf_files import WRITABLE, require_gguf, write_gguf
@@ -31,12 +31,15 @@ def quantize(model: str, to: str, out: str, notify=None) -> dict:
         raise UserError(f"{folder} holds no .safetensors transformer weights")
     check_safetensors(files)
     _, family = config_family(folder)
-    from safetensors.torch import load_file
+    from ..runtime.reader import TensorFiles
 
-    state: dict = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    written = write_gguf(state, family, target, kind, notify)
+    tensors = TensorFiles(files)  # read one tensor at a time, as write_gguf asks for them
+    try:
+        written = write_gguf(tensors, family, target, kind, notify)
+    except ValueError as e:
+        raise UserError(f"{folder}: {e}") from None
+    finally:
+        tensors.close()
     stored = sum(f.stat().st_size for f in files)
     return {"path": str(target), "family": family, "type": kind.upper(), **written,
             "source_bytes": stored, "ratio": round(written["bytes"] / stored, 3)}
