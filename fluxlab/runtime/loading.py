@@ -7,7 +7,6 @@ model objects from safetensors files only (never pickle), and never runs code sh
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass, replace
@@ -271,30 +270,6 @@ def load_lean_encoder(folder: Path, cls: str, dtype):
     return _cut_norm(model)
 
 
-@contextlib.contextmanager
-def _own_pages():
-    """While quantizing layer by layer: every buffer of 1 MB or more gets its own pages from the system (glibc's
-    mmap threshold fixed at 1 MB), and free pages go back after each layer (malloc_trim). Otherwise glibc keeps
-    reusing heap blocks of the sizes the program has been freeing (its threshold adapts upwards to 32 MB), and
-    int8 layers end up interleaved with freed full-precision ones: 20% more resident memory than the weights on
-    a test model. Afterwards the threshold is left at 32 MB, where the adaptive one ends in a torch process.
-    A no-op where the C library is not glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (both or neither)
-    except (OSError, AttributeError):
-        yield lambda: None
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    try:
-        yield lambda: libc.malloc_trim(0)
-    finally:
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-
-
 def _layerwise_recipe(folder: Path, cls: str, dtype, lean_encoder: bool):
     """How to build a component layer by layer (runtime.reader): (make, name prefixes in its files, whether to
     cut the final norm), or None for the classes this does not cover (they load whole)."""
@@ -322,6 +297,7 @@ def quantized_component(folder: Path, cls: str, dtype, mode: str, lean_encoder: 
     """The transformer or a lean Qwen3 text encoder built layer by layer from its files, each Linear quantized
     (int8/fp8, torchao) as soon as its weights are read, so no full-precision copy of the model is ever held
     (runtime.reader). None for the classes this does not cover (they load whole, then quantize)."""
+    from .heap import own_pages
     from .quantize import quantize_linear
     from .reader import build_layerwise
 
@@ -329,7 +305,10 @@ def quantized_component(folder: Path, cls: str, dtype, mode: str, lean_encoder: 
     if recipe is None or cls in ("T5EncoderModel", "CLIPTextModel", "Qwen3Model"):
         return None  # whole-then-quantize for these, as before
     make, prefixes, cut = recipe
-    with _own_pages() as trim:
+    # Every buffer of 1 MB or more gets its own pages, and free pages go back after each layer (runtime.heap):
+    # otherwise int8 layers end up interleaved with freed full-precision ones, 20% more resident memory than
+    # the weights on a test model.
+    with own_pages() as trim:
         def on_linear(module):
             quantize_linear(module, mode)
             trim()  # the layer's full-precision buffers go back to the system now, not at the end

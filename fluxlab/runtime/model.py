@@ -332,10 +332,9 @@ def free_memory(device=None) -> None:
         import torch
 
         torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
+    from .heap import trim
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim()
 
 
 def streams_from_disk(runtime: Runtime, device, ref: ModelRef | None = None) -> bool:

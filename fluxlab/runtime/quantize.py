@@ -82,7 +82,7 @@ def quantize_linear(module, mode: str, max_weights: int = 1 << 18) -> None:
     largest layer of klein 4B. int8 weight-only has one scale per output row, so quantizing `max_weights`
     weights' worth of rows at a time gives the same codes and scales (joined through the tensor subclass's
     flatten/unflatten protocol) with a working set of ~3 MB. The size matters to glibc too: with 2**18
-    weights the fp32 temporaries (1 MB) get their own pages (loading._own_pages) and the int8 slices are small
+    weights the fp32 temporaries (1 MB) get their own pages (heap.own_pages) and the int8 slices are small
     heap blocks, so the model's footprint stays within 3% of its bytes (2**20 left 19% in freed holes).
     """
     import torch

@@ -110,23 +110,15 @@ class BlockStream:
         self.tensors.close()
 
 
-def _pages_of_their_own() -> None:
-    """Buffers of 1 MB or more get pages of their own from the system, returned when freed (glibc's mmap
-    threshold fixed at 1 MB for the process). Otherwise a block's tensors, read on the helper thread, land in
-    that thread's heap arena and are reused from there in ever-new sizes: on a test model, 60% more resident
-    memory than the blocks held. A no-op where the C library is not glibc."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
 def attach(model, tensors, dtype, prefixes=("",)) -> BlockStream:
     """Make `model`'s blocks stream from `tensors` (their parameters become meta placeholders)."""
     import weakref
 
-    _pages_of_their_own()
+    from .heap import keep_own_pages
+
+    # A block's tensors are read on the helper thread, into that thread's heap arena; reused there in ever-new
+    # sizes they held 60% more than the blocks on a test model. With pages of their own they go back when freed.
+    keep_own_pages()
     blocks = block_modules(model)
     stream = BlockStream(tensors, blocks, dtype, prefixes)
     for _, block in blocks:
