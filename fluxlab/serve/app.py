@@ -421,6 +421,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     status_code=response.status_code, headers=location)
         return response
 
+    def cancel_own(job_id: str, who: str, kind: str, request: Request) -> dict:
+        """Cancel the caller's job of `kind` (broker.cancel); the job as it is now."""
+        job = own_job(job_id, who, kind)
+        broker.cancel(job["id"])
+        return render(store, broker, store.job(job["id"]), base(request))
+
     @app.post("/v1/predictions", status_code=201, response_model=Job, responses=ERRORS, tags=["predictions"])
     async def create_prediction(body: PredictionCreate, who: Owner, request: Request,
                                 prefer: Annotated[str | None, Header()] = None):
@@ -457,9 +463,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/predictions/{prediction_id}/cancel", response_model=Job, responses=ERRORS, tags=["predictions"])
     def cancel_prediction(prediction_id: str, who: Owner, request: Request):
-        job = own_job(prediction_id, who, "prediction")
-        broker.cancel(job["id"])
-        return render(store, broker, store.job(job["id"]), base(request))
+        return cancel_own(prediction_id, who, "prediction", request)
 
     @app.get("/v1/predictions/{prediction_id}/stream", response_class=EventSourceResponse, responses=ERRORS,
              tags=["predictions"])
@@ -527,9 +531,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/trainings/{training_id}/cancel", response_model=Job, responses=ERRORS, tags=["trainings"])
     def cancel_training(training_id: str, who: Owner, request: Request):
         """Stop a training after its current step, saving a checkpoint first (resume continues from it)."""
-        job = own_job(training_id, who, "training")
-        broker.cancel(job["id"])
-        return render(store, broker, store.job(job["id"]), base(request))
+        return cancel_own(training_id, who, "training", request)
 
     @app.post("/v1/trainings/{training_id}/resume", response_model=Job, responses=ERRORS, tags=["trainings"])
     def resume_training(training_id: str, who: Owner, request: Request):
@@ -632,9 +634,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/batches/{batch_id}/cancel", response_model=Job, responses=ERRORS, tags=["batches"])
     def cancel_batch(batch_id: str, who: Owner, request: Request):
-        job = own_job(batch_id, who, "batch")
-        broker.cancel(job["id"])
-        return render(store, broker, store.job(job["id"]), base(request))
+        return cancel_own(batch_id, who, "batch", request)
 
     @app.get("/v1/batches/{batch_id}/stream", response_class=EventSourceResponse, responses=ERRORS,
              tags=["batches"])
@@ -679,9 +679,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/grids/{grid_id}/cancel", response_model=Job, responses=ERRORS, tags=["grids"])
     def cancel_grid(grid_id: str, who: Owner, request: Request):
-        job = own_job(grid_id, who, "grid")
-        broker.cancel(job["id"])
-        return render(store, broker, store.job(job["id"]), base(request))
+        return cancel_own(grid_id, who, "grid", request)
 
     @app.get("/v1/grids/{grid_id}/stream", response_class=EventSourceResponse, responses=ERRORS, tags=["grids"])
     async def stream_grid(grid_id: str, who: Owner, last_event_id: Annotated[str | None, Header()] = None):
