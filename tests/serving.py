@@ -20,13 +20,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data: Path, models: dict | None = None, env: dict | None = None):
+    def __init__(self, data: Path, models: dict | None = None, env: dict | None = None, args: tuple = ()):
         from fluxlab.serve.store import Store
 
         self.data = Path(data)
         self.token = Store(self.data).create_token(f"tester-{os.getpid()}-{time.time_ns()}")
         self.models = models or {}
         self.env = env or {}
+        self.args = list(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -35,6 +36,7 @@ class Server:
         args = [sys.executable, "-m", "fluxlab", "serve", "--port", str(self.port), "--data", str(self.data)]
         for name, folder in self.models.items():
             args += ["--model", f"{name}={folder}"]
+        args += self.args
         # The server's worker shares this machine's cores with the test process: one torch thread.
         env = {**os.environ, "FLUXLAB_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
         self.log = open(self.data / "server.log", "ab")  # noqa: SIM115 - closed in stop()
@@ -45,12 +47,17 @@ class Server:
                 raise RuntimeError(f"server exited: {(self.data / 'server.log').read_text()[-2000:]}")
             try:
                 h = httpx.get(self.url + "/v1/health", timeout=2).json()
-                if h["worker"]["ready"]:
+                if h["ready"]:
                     return self
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
         raise RuntimeError("server did not become ready")
+
+    def add_token(self, name: str, admin: bool = False) -> str:
+        from fluxlab.serve.store import Store
+
+        return Store(self.data).create_token(name, admin=admin)
 
     def client(self, token: str | None = "default") -> httpx.Client:
         token = self.token if token == "default" else token

@@ -26,7 +26,8 @@ PROMPT = "a red circle in the center on a white background"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dirs):
     s = Server(tmp_path_factory.mktemp("serve"), models={"tiny": tiny_dirs["flux2-klein"],
-                                                         "tiny1": tiny_dirs["flux1-schnell"]}).start()
+                                                         "tiny1": tiny_dirs["flux1-schnell"]},
+               args=("--webhook-allow", "127.0.0.1")).start()
     yield s
     s.stop()
 

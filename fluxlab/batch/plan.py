@@ -27,11 +27,13 @@ FAILURES = "failures.jsonl"
 MAX_ITEMS = 1_000_000
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'0-7' -> 0..7, '1,5,9' -> [1, 5, 9], '0-3,10' -> [0, 1, 2, 3, 10]."""
+def parse_seeds(text: str, most: int = MAX_ITEMS, what: str = "--seeds") -> list[int]:
+    """'0-7' -> 0..7, '1,5,9' -> [1, 5, 9], '0-3,10' -> [0, 1, 2, 3, 10]. The seeds are counted before any list is
+    built, so a short text naming millions of seeds is refused at once (one parser for the CLI, the API and the
+    page)."""
     from ..spec.values import MAX_SEED
 
-    seeds = []
+    ranges, count = [], 0
     for part in str(text).split(","):
         part = part.strip()
         if not part:
@@ -41,13 +43,16 @@ def parse_seeds(text: str) -> list[int]:
             a = int(lo)
             b = int(hi) if sep else a
         except ValueError:
-            raise UserError(f"--seeds {text!r} is not a list of seeds like 0-7 or 1,5,9") from None
-        if not (0 <= a <= b <= MAX_SEED) or b - a >= MAX_ITEMS:
-            raise UserError(f"--seeds {text!r}: {part} is not a range of seeds within 0..{MAX_SEED}")
-        seeds.extend(range(a, b + 1))
-    if not seeds:
-        raise UserError(f"--seeds {text!r} names no seed; give e.g. 0-7 or 1,5,9")
-    return seeds
+            raise UserError(f"{what} {text[:80]!r} is not a list of seeds like 0-7 or 1,5,9") from None
+        if not (0 <= a <= b <= MAX_SEED):
+            raise UserError(f"{what} {text[:80]!r}: {part} is not a range of seeds within 0..{MAX_SEED}")
+        count += b - a + 1
+        if count > most:
+            raise UserError(f"{what} {text[:80]!r} names more than {most:,} seeds, the most a batch takes")
+        ranges.append((a, b))
+    if not ranges:
+        raise UserError(f"{what} {text[:80]!r} names no seed; give e.g. 0-7 or 1,5,9")
+    return [seed for a, b in ranges for seed in range(a, b + 1)]
 
 
 @dataclass(frozen=True)

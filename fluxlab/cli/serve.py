@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -16,14 +17,32 @@ app.add_typer(token_app, name="token")
 DATA_HELP = "Data folder (default: $FLUXLAB_DATA or ~/.local/share/fluxlab)."
 
 
-def _store(data: str | None):
-    from ..files import check_writable
+def _folder(data: str | None) -> Path:
     from ..serve.settings import default_data
-    from ..serve.store import Store
 
-    folder = Path(data) if data else default_data()
-    check_writable(folder, "data folder")
-    return Store(folder)
+    return Path(data) if data else default_data()
+
+
+def _store(data: str | None, create: bool = True):
+    """The data folder's store. Everything the server writes is for its owner alone (folder 0700, files 0600);
+    with `create` False, a folder without a store is an error, and nothing is made."""
+    import os
+
+    from ..files import check_writable
+    from ..serve.store import Store, exists
+
+    folder = _folder(data)
+    if not create and not exists(folder):
+        raise UserError(f"{folder} holds no fluxlab server data (no fluxlab.db); give --data, or create a token "
+                        f"first with `fluxlab token create NAME`")
+    old = os.umask(0o077)
+    try:
+        check_writable(folder, "data folder")
+        store = Store(folder, check=True)
+        os.chmod(folder, 0o700)
+        return store
+    finally:
+        os.umask(old)
 
 
 def is_loopback(host: str) -> bool:
@@ -37,6 +56,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_bind(host: str, port: int) -> None:
+    """Bind the address now, so a bad host or a port in use is one line before anything is announced or made."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"--host {host!r} is not an address of this machine ({e})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            what = "in use" if e.errno == 98 else f"not available ({e.strerror})"
+            raise UserError(f"cannot listen on {host}:{port}: the address is {what}; choose another --host or "
+                            f"--port") from None
+
+
+def allowed(host: str, given: list[str] | None) -> tuple:
+    """The Host headers the server answers: the ones given, else the bind address and localhost (a wildcard bind
+    adds this machine's name)."""
+    import socket
+
+    if given:
+        return tuple(given)
+    hosts = {host, "localhost", "127.0.0.1", "[::1]"} | ({f"[{host}]"} if ":" in host else set())
+    if host in ("0.0.0.0", "::"):  # listening everywhere: this machine's names and addresses
+        hosts |= {socket.gethostname(), socket.getfqdn()}
+        with contextlib.suppress(OSError):
+            hosts |= {i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None)}
+    return tuple(sorted(h for h in hosts if h))
+
+
 @app.command()
 def serve(
     host: Annotated[str, Opt(help="Address to listen on (loopback unless a token exists).")] = "127.0.0.1",
@@ -47,6 +100,11 @@ def serve(
     device: Annotated[str, Opt(help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
     max_models: Annotated[int | None, Opt(help="Models the worker keeps loaded at once (default: as memory "
                                                "allows).", min=1)] = None,
+    webhook_allow: Annotated[list[str] | None, Opt("--webhook-allow", help="An internal address, network (CIDR) "
+                                                   "or host webhooks may reach (repeatable; default: public "
+                                                   "addresses only).")] = None,
+    allowed_host: Annotated[list[str] | None, Opt("--allowed-host", help="A Host header to answer (repeatable; "
+                                                  "default: the bind address and localhost).")] = None,
 ):
     """Serve the HTTP API: predictions, trainings, files, the queue and Server-Sent Events, models kept loaded."""
     import os
@@ -54,6 +112,9 @@ def serve(
     import uvicorn
 
     from ..files import safe_name
+    from ..runtime.devices import resolve_device
+    from ..serve.datalock import hold
+    from ..serve.outbound import Policy
     from ..serve.settings import Settings
     from ..web import create_site
 
@@ -63,27 +124,45 @@ def serve(
         if not sep or not Path(folder).is_dir():
             raise UserError(f"--model {item!r}: give NAME=DIR with DIR a local diffusers folder")
         models[safe_name(name, "--model name")] = str(Path(folder).resolve())
+    policy = Policy.parse(webhook_allow)
+    resolve_device(device)
+    check_bind(host, port)
+    from ..serve.store import exists
+
+    no_token = UserError(f"refusing to listen on {host} with no token: anyone could use the server; create one with "
+                         f"`fluxlab token create NAME{' --data ' + data if data else ''}` (or set FLUXLAB_TOKEN)")
+    if not is_loopback(host) and not os.environ.get("FLUXLAB_TOKEN") and not exists(_folder(data)):
+        raise no_token
+    os.umask(0o077)  # everything the server and its worker write: for this user alone
     store = _store(data)
+    hold(store.data, port)
     if os.environ.get("FLUXLAB_TOKEN"):
         store.ensure_token("env", os.environ["FLUXLAB_TOKEN"])
     if not is_loopback(host) and store.active_tokens() == 0:
-        raise UserError(f"refusing to listen on {host} with no token: anyone could use the server; create one "
-                        f"with `fluxlab token create NAME{' --data ' + data if data else ''}` (or set FLUXLAB_TOKEN)")
+        raise no_token
     if store.active_tokens() == 0:
         say("no token exists yet: every route but /v1/health needs one; create one with `fluxlab token create NAME`")
-    settings = Settings(data=store.data, models=models, runtime={"device": device}, max_models=max_models)
+    settings = Settings(data=store.data, models=models, runtime={"device": device}, max_models=max_models,
+                        webhook_policy=policy, allowed_hosts=allowed(host, allowed_host))
+    site = create_site(settings)
     out.print(escape(f"fluxlab serving on http://{host}:{port} (data: {store.data}): the page at /, the API at "
                      f"/v1, its docs at /docs"))
-    uvicorn.run(create_site(settings), host=host, port=port, log_level="warning")
+    # Connections: idle keep-alive closed after 5 s, headers over 64 KB refused, at most 1000 at once (uvicorn
+    # has no header-read timeout: facing the internet, put a proxy in front; see the README).
+    uvicorn.run(site, host=host, port=port, log_level="warning", timeout_keep_alive=5,
+                h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1000)
 
 
 @token_app.command("create")
 def token_create(name: Annotated[str, typer.Argument(help="A name for the token (who or what uses it).")],
-                 data: Annotated[str | None, Opt(help=DATA_HELP)] = None):
+                 data: Annotated[str | None, Opt(help=DATA_HELP)] = None,
+                 admin: Annotated[bool, Opt("--admin", help="May pause the queue, use priorities and see every "
+                                                            "job (the first token is always admin).")] = False):
     """Create a token and print it once (it is not shown again)."""
     from ..files import safe_name
 
-    token = _store(data).create_token(safe_name(name, "token name"))
+    name = safe_name(name, "token name")
+    token = _store(data).create_token(name, admin=True if admin else None)
     out.print(token)
 
 
@@ -92,15 +171,15 @@ def token_list(data: Annotated[str | None, Opt(help=DATA_HELP)] = None):
     """The tokens by name (never the tokens themselves)."""
     import datetime as dt
 
-    for t in _store(data).tokens():
+    for t in _store(data, create=False).tokens():
         when = dt.datetime.fromtimestamp(t["created_at"]).strftime("%Y-%m-%d %H:%M")
         state = "revoked" if t["revoked_at"] else "active"
-        out.print(escape(f"{t['name']:<20} {state:<8} created {when}"))
+        out.print(escape(f"{t['name']:<20} {t['role']:<6} {state:<8} created {when}"))
 
 
 @token_app.command("revoke")
 def token_revoke(name: Annotated[str, typer.Argument()], data: Annotated[str | None, Opt(help=DATA_HELP)] = None):
     """Revoke a token: requests with it are refused from now on."""
-    if not _store(data).revoke(name):
+    if not _store(data, create=False).revoke(name):
         raise UserError(f"no active token named {name!r}; see `fluxlab token list`")
     out.print(escape(f"revoked {name}"))

@@ -37,8 +37,8 @@ class Channel:
 
 
 class Broker:
-    def __init__(self, store: Store, settings: dict, render):
-        self.store, self.settings, self.render = store, settings, render  # render(job) -> the API object
+    def __init__(self, store: Store, settings, render):
+        self.store, self.settings, self.render = store, settings.worker(), render  # render(job) -> the API object
         self.ctx = multiprocessing.get_context("spawn")
         self.process = None
         self.commands = self.events = None
@@ -52,8 +52,8 @@ class Broker:
         self.wake = threading.Event()
         self.stopping = False
         self.restarts = 0
-        self.webhooks = Webhooks(store.secret(), settings.get("webhook_retries", 4),
-                                 settings.get("webhook_backoff_s", 0.5))
+        self.webhooks = Webhooks(store.secret, settings.webhook_policy, settings.webhook_retries,
+                                 settings.webhook_backoff_s, resolve=settings.resolve)
         self.thread = threading.Thread(target=self._loop, name="fluxlab-broker", daemon=True)
 
     # -- life ---------------------------------------------------------------------------------------

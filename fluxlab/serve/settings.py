@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from .outbound import Policy, system_resolve
 
 MB = 1024 * 1024
 
@@ -33,7 +36,12 @@ class Settings:
     max_models: int | None = None  # models the worker keeps loaded at once (None: as memory allows)
     webhook_retries: int = 4
     webhook_backoff_s: float = 0.5
+    webhook_policy: Policy = field(default_factory=Policy)  # internal addresses webhooks may reach anyway
+    resolve: Callable = system_resolve  # host, port -> addresses (webhook targets)
+    allowed_hosts: tuple = ()  # Host headers accepted (empty: any)
 
     def worker(self) -> dict:
         """What the worker process is given (plain data: it is pickled across the process boundary)."""
-        return {**asdict(self), "data": str(self.data), "models": dict(self.models)}
+        plain = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in ("webhook_policy", "resolve", "allowed_hosts")}
+        return {**plain, "data": str(self.data), "models": dict(self.models)}

@@ -43,7 +43,21 @@ MIGRATIONS = [
     CREATE TABLE sessions (sha256 TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL,
                            expires_at REAL NOT NULL);
     """,
+    # 3: tenants apart: LoRA names are per owner, each token has a role and its own webhook signing secret (the
+    # oldest token of an existing folder becomes its admin).
+    """
+    CREATE TABLE loras_v3 (name TEXT NOT NULL, owner TEXT NOT NULL, job_id TEXT, path TEXT NOT NULL,
+                           sha256 TEXT NOT NULL, trigger TEXT, created_at REAL NOT NULL, PRIMARY KEY (owner, name));
+    INSERT INTO loras_v3 SELECT name, owner, job_id, path, sha256, trigger, created_at FROM loras;
+    DROP TABLE loras;
+    ALTER TABLE loras_v3 RENAME TO loras;
+    ALTER TABLE tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
+    ALTER TABLE tokens ADD COLUMN webhook_secret TEXT;
+    UPDATE tokens SET role = 'admin' WHERE name = (SELECT name FROM tokens ORDER BY created_at LIMIT 1);
+    DELETE FROM settings WHERE key = 'webhook_secret'
+    """,
 ]
+ROLES = ("admin", "user")
 SESSION_DAYS = 14
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -62,14 +76,33 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def exists(data: Path) -> bool:
+    return (Path(data) / "fluxlab.db").is_file()
+
+
 class Store:
-    def __init__(self, data: Path):
+    def __init__(self, data: Path, check: bool = False):
+        """Open (or create) the store in `data`. With `check`, a damaged file is found now (PRAGMA quick_check)
+        instead of when a request first touches its bad page. Either way a damaged or unreadable database is one
+        UserError naming the file."""
         self.data = Path(data)
         self.path = self.data / "fluxlab.db"
         self._local = threading.local()
         self._seq_lock = threading.Lock()
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.migrate()
+        self.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            if self.path.exists() and not self.path.is_file():
+                raise sqlite3.DatabaseError("it is not a file")
+            self.migrate()
+            if check:
+                result = self.db.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise sqlite3.DatabaseError(str(result).splitlines()[0])
+        except sqlite3.DatabaseError as e:
+            from ..errors import UserError
+
+            raise UserError(f"{self.path}: the server's database cannot be used ({e}); move it away (a new one is "
+                            f"made) or restore it from a backup") from None
 
     # -- connections ------------------------------------------------------------------------------
     @property
@@ -111,36 +144,54 @@ class Store:
         self.db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                         (key, value))
 
-    def secret(self) -> str:
-        """The webhook signing secret (created on first use, kept across restarts)."""
-        value = self.setting("webhook_secret")
-        if value is None:
-            from base64 import b64encode
+    def secret(self, owner: str) -> str:
+        """The owner's webhook signing secret (made on first use, kept across restarts, one per token)."""
+        row = self.db.execute("SELECT webhook_secret FROM tokens WHERE name = ?", (owner,)).fetchone()
+        if row is None:
+            raise KeyError(owner)
+        return row[0] or self.rotate_secret(owner, only_if_none=True)
 
-            value = "whsec_" + b64encode(secrets.token_bytes(24)).decode()
-            self.db.execute("INSERT OR IGNORE INTO settings VALUES ('webhook_secret', ?)", (value,))
-            value = self.setting("webhook_secret")
-        return value
+    def rotate_secret(self, owner: str, only_if_none: bool = False) -> str:
+        """A new signing secret for the owner's webhooks (the old one stops verifying at once)."""
+        from base64 import b64encode
+
+        value = "whsec_" + b64encode(secrets.token_bytes(24)).decode()
+        self.db.execute("UPDATE tokens SET webhook_secret = ? WHERE name = ?"
+                        + (" AND webhook_secret IS NULL" if only_if_none else ""), (value, owner))
+        return self.db.execute("SELECT webhook_secret FROM tokens WHERE name = ?", (owner,)).fetchone()[0]
 
     # -- tokens -------------------------------------------------------------------------------------
-    def create_token(self, name: str, token: str | None = None) -> str:
+    def create_token(self, name: str, token: str | None = None, admin: bool | None = None) -> str:
+        """A new token (printed once; only its SHA-256 is kept). The first token of a store is its admin."""
         token = token or "flx_" + secrets.token_urlsafe(32)
-        try:
-            self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, NULL)", (name, token_hash(token), time.time()))
-        except sqlite3.IntegrityError:
-            from ..errors import UserError
+        with self._seq_lock:
+            if admin is None:
+                admin = self.db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0] == 0
+            try:
+                self.db.execute("INSERT INTO tokens (name, sha256, created_at, revoked_at, role) VALUES "
+                                "(?, ?, ?, NULL, ?)", (name, token_hash(token), time.time(),
+                                                       "admin" if admin else "user"))
+            except sqlite3.IntegrityError:
+                from ..errors import UserError
 
-            raise UserError(f"a token named {name!r} exists already; revoke it first or choose another name") from None
+                raise UserError(f"a token named {name!r} exists already; revoke it first or choose another "
+                                f"name") from None
         return token
 
     def ensure_token(self, name: str, token: str) -> None:
         """A token given by the environment (FLUXLAB_TOKEN): present once, under `name`."""
         h = token_hash(token)
         if not self.db.execute("SELECT 1 FROM tokens WHERE sha256 = ?", (h,)).fetchone():
-            self.db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, NULL)", (name, h, time.time()))
+            self.db.execute("DELETE FROM tokens WHERE name = ?", (name,))
+            self.create_token(name, token)
+
+    def role(self, name: str) -> str | None:
+        row = self.db.execute("SELECT role FROM tokens WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+        return row[0] if row else None
 
     def tokens(self) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT name, created_at, revoked_at FROM tokens ORDER BY created_at")]
+        return [dict(r) for r in self.db.execute("SELECT name, role, created_at, revoked_at FROM tokens "
+                                                 "ORDER BY created_at")]
 
     def active_tokens(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL").fetchone()[0]
@@ -297,8 +348,9 @@ class Store:
         return row
 
     def add_lora(self, name: str, owner: str, job_id: str | None, path: str, sha256: str, trigger: str | None):
-        self.db.execute("INSERT OR REPLACE INTO loras VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (name, owner, job_id, path, sha256, trigger, time.time()))
+        """Name a LoRA for its owner (names are per owner: another token's LoRA of the same name is untouched)."""
+        self.db.execute("INSERT OR REPLACE INTO loras (name, owner, job_id, path, sha256, trigger, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, owner, job_id, path, sha256, trigger, time.time()))
 
     def lora(self, name: str, owner: str) -> dict | None:
         row = self.db.execute("SELECT * FROM loras WHERE (name = ? OR job_id = ?) AND owner = ?",

@@ -28,7 +28,7 @@ class Network(Strict):
     # "full": train every transformer weight (a full fine-tune, or from scratch when the model's transformer is
     # freshly initialised, as the demo model's is); linear/linear_alpha are then unused.
     type: Literal["lora", "full"] = "lora"
-    linear: int = Field(32, ge=1, le=1024)  # rank
+    linear: int = Field(32, ge=1, le=256)  # rank (ai-toolkit's and Replicate's trainers stop at 128-256)
     linear_alpha: float = Field(32, gt=0)
     network_kwargs: NetworkKwargs = NetworkKwargs()
 
@@ -48,7 +48,7 @@ class Dataset(Strict):
     caption_dropout_rate: float = Field(0.05, ge=0, le=1)
     shuffle_tokens: bool = False
     caption_per_line: bool = False  # each line of a caption file is one caption; a step picks one at random
-    num_repeats: int = Field(1, ge=1)  # each image this many times per epoch (times a `10_name` folder's count)
+    num_repeats: int = Field(1, ge=1, le=10_000)  # each image this many times per epoch (times a `10_x` folder's)
     cache_latents_to_disk: bool = True
     resolution: list[int] = Field(default_factory=lambda: [1024])
 
@@ -61,8 +61,8 @@ class Dataset(Strict):
     @classmethod
     def _multiples(cls, v):
         for r in v:
-            if r < 64 or r % 16:
-                raise ValueError(f"resolution {r} must be a multiple of 16, at least 64")
+            if r < 64 or r % 16 or r > 4096:
+                raise ValueError(f"resolution {r} must be a multiple of 16 from 64 to 4096")
         return sorted(set(v))
 
 
@@ -72,9 +72,9 @@ class Ema(Strict):
 
 
 class Train(Strict):
-    batch_size: int = Field(1, ge=1)
-    steps: int = Field(1000, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, le=256)
+    steps: int = Field(1000, ge=1, le=1_000_000)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     train_unet: bool = True
     train_text_encoder: bool = False
     gradient_checkpointing: bool = True
@@ -166,9 +166,31 @@ def parse(data: dict, source: str = "config") -> Job:
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-def load_yaml(path: str | Path) -> Job:
+def yaml_text(text: str, source: str):
+    """YAML parsed safely and without aliases: `*name` repeats an anchored node, so a few hundred bytes of nested
+    aliases can expand to gigabytes (the "billion laughs" shape, which safe_load still expands); a training config
+    never needs them."""
     import yaml
 
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a training "
+                                                              "config; write the values out", mark)
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=NoAliases)  # a SafeLoader subclass
+    except RecursionError:
+        raise UserError(f"{source} nests too deeply to be a training config") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def load_yaml(path: str | Path) -> Job:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"training config {path} is a folder; give the YAML file")
@@ -178,17 +200,11 @@ def load_yaml(path: str | Path) -> Job:
         raise UserError(f"training config {path} is {p.stat().st_size // 1024} KB; a config is at most "
                         f"{MAX_CONFIG_BYTES // 1024} KB")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml_text(p.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror or e})") from None
-    except RecursionError:
-        raise UserError(f"{path} nests too deeply to be a training config") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} should hold a YAML mapping with job: and config:")
     return parse(data, str(path))

@@ -9,15 +9,39 @@ from __future__ import annotations
 
 import typing
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import UserError, did_you_mean
 
 
+def check_text(value, where: str) -> None:
+    """Refuse a string that is not storable text: a lone surrogate ("\\ud800" in JSON, or an undecodable byte in a
+    command line) cannot be written as UTF-8 into a PNG, a database or a log, so it is named before anything is kept."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where or 'a value'} holds {value[e.start]!a} at character {e.start}, which is not "
+                             f"text (a lone surrogate); send valid Unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, where)
+            check_text(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}[{i}]")
+
+
 class Strict(BaseModel):
-    """Unknown keys are refused by name."""
+    """Unknown keys are refused by name; every string must be storable text."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data):
+        check_text(data, getattr(cls, "text_prefix", ""))
+        return data
 
 
 def _short(value, limit: int = 60) -> str:

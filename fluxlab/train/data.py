@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import zipfile
@@ -71,6 +72,7 @@ def check_archive(archive: Path, zf) -> list:
         if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 2**20:
             raise UserError(f"{archive} member {name!r} expands {info.file_size // info.compress_size}x: "
                             f"a zip bomb? refusing it")
+    overlapping(archive, infos)
     if total > MAX_ZIP_BYTES:
         raise UserError(f"{archive} would expand to {total / 2**30:.1f} GB, over the "
                         f"{MAX_ZIP_BYTES // 2**30} GB limit")
@@ -78,6 +80,17 @@ def check_archive(archive: Path, zf) -> list:
         raise UserError(f"{archive} would expand {total // max(packed, 1)}x ({total / 2**20:.0f} MB from "
                         f"{packed / 2**20:.1f} MB): a zip bomb? refusing it")
     return infos
+
+
+def overlapping(archive: Path, infos: list) -> None:
+    """Refuse members whose data overlap (the "better zip bomb": many directory entries pointing at one member, so
+    a small file declares gigabytes and every size check above passes per member)."""
+    spans = sorted((i.header_offset, i.header_offset + 30 + len(i.orig_filename.encode()) + i.compress_size,
+                    i.filename) for i in infos)
+    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            raise UserError(f"{archive} members {name!r} and {other!r} share their data (overlapping entries: a zip "
+                            f"bomb?); refusing it")
 
 
 def safe_extract(archive: Path, dest: Path) -> Path:

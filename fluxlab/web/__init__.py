@@ -10,5 +10,5 @@ def create_site(settings=None):
     from .pages import mount
 
     app = create_app(settings)
-    mount(app, app.state.store, app.state.settings)
+    mount(app)
     return app

@@ -1,0 +1,199 @@
+"""What every job kind shares, written once and mounted per kind: the job object as the API shows it, creating a
+job (idempotent by id, within the queue limits, webhooks checked), `Prefer: wait`, and the get, list, cancel and
+stream routes of `/v1/{predictions,trainings,batches,grids}`."""
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from ..errors import UserError
+from . import outbound
+from .deps import KINDS, Owner, Server, Srv, Who, base, check_limits, own_job
+from .http import ApiError, public
+from .schemas import ERRORS, Cursor, Job, Page
+from .store import TERMINAL, LimitReached
+
+
+def iso(t: float | None) -> str | None:
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def render(srv: Server, job: dict, base: str = "") -> dict:
+    store, broker = srv.store, srv.broker
+    path = f"{base}/v1/{KINDS[job['kind']]}/{job['id']}"
+    if job["kind"] in ("prediction", "batch"):
+        output = [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], "image")] or None
+    elif job["kind"] == "grid":
+        output = {kind: [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], kind)]
+                  for kind in ("cell", "sheet", "csv")}
+    else:
+        loras = store.outputs(job["id"], "lora")
+        output = {"samples": [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], "sample")]}
+        if loras:
+            output |= {"weights": f"{base}/v1/outputs/{loras[0]['id']}",
+                       "lora": job["plan"].get("lora_name") or job["id"]}
+    obj = {"id": job["id"], "model": job["model"], "input": job["input"], "status": job["status"],
+           "created_at": iso(job["created_at"]), "started_at": iso(job["started_at"]),
+           "completed_at": iso(job["completed_at"]), "output": output,
+           "error": public(job["error"], srv.settings), "metrics": job["metrics"],
+           "urls": {"get": path, "cancel": f"{path}/cancel", "stream": f"{path}/stream"}}
+    if job["status"] == "starting":
+        obj["queue_position"] = store.position(job)
+    if broker is not None and job["id"] in broker.progress:
+        obj["progress"] = broker.progress[job["id"]]
+    return obj
+
+
+def listing(srv: Server, who: str, kind: str, cursor: str | None, limit: int, base: str) -> dict:
+    jobs = srv.store.jobs(who, kind, int(cursor) if cursor else None, limit + 1)
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    path = f"{base}/v1/{KINDS[kind]}"
+    return {"results": [render(srv, j, base) for j in jobs],
+            "next": f"{path}?cursor={jobs[-1]['seq']}&limit={limit}" if more else None, "previous": None}
+
+
+def create(srv: Server, kind: str, body, who, job_id: str, plan_of: Callable, request: Request) -> Response:
+    """Check and store a job (the plan is made by `plan_of(srv, body, owner, job_id)`); the same id again gives
+    the existing job (200)."""
+    store = srv.store
+    existing = store.job(job_id)
+    if existing is not None:
+        if existing["owner"] != who.name or existing["kind"] != kind:
+            raise ApiError(409, f"the id {job_id!r} is taken")
+        return JSONResponse(render(srv, existing, base(request)), status_code=200)
+    if body.priority > 0 and not who.admin:
+        raise ApiError(403, f"priority {body.priority}: priorities above 0 need an admin token")
+    if body.webhook is not None:
+        try:
+            outbound.check(body.webhook, srv.settings.webhook_policy, "webhook", srv.settings.resolve)
+        except UserError as e:
+            raise ApiError(422, str(e)) from None
+    check_limits(srv, who.name)
+    plan = plan_of(srv, body, who.name, job_id)
+    given = body.input.model_dump(mode="json", exclude_unset=True)
+    for key in ("prompt", "prompts", "seeds", "x", "y"):  # a grid's or batch's own fields, kept with its input
+        if key in type(body).model_fields and getattr(body, key) is not None:
+            given[key] = getattr(body, key)
+    try:
+        job = store.add_job(job_id, kind, who.name, body.model, given, plan, body.webhook,
+                            body.webhook_events_filter, body.priority,
+                            limits=(srv.settings.max_pending_per_token, srv.settings.max_pending))
+    except LimitReached as e:
+        raise ApiError(429, str(e), {"Retry-After": "5"}) from None
+    if job is None:  # a concurrent PUT with the same id won
+        return JSONResponse(render(srv, store.job(job_id), base(request)), status_code=200)
+    srv.broker.submitted()
+    return JSONResponse(render(srv, job, base(request)), status_code=201,
+                        headers={"Location": f"{base(request)}/v1/{KINDS[kind]}/{job_id}"})
+
+
+async def submit(srv: Server, kind: str, body, who, job_id: str, plan_of: Callable, request: Request,
+                 prefer: str | None) -> Response:
+    """Create (in the thread pool: planning reads files) and, with `Prefer: wait=N`, hold the answer until the
+    job ends or N seconds pass (at most max_wait_s)."""
+    from starlette.concurrency import run_in_threadpool
+
+    response = await run_in_threadpool(create, srv, kind, body, who, job_id, plan_of, request)
+    wait = prefer_wait(prefer, srv.settings.max_wait_s) if prefer else 0.0
+    if wait and response.status_code in (200, 201):
+        job_id = json.loads(response.body)["id"]
+        await srv.broker.wait(job_id, wait)
+        location = {"Location": response.headers["location"]} if "location" in response.headers else {}
+        return JSONResponse(render(srv, srv.store.job(job_id), base(request)), status_code=response.status_code,
+                            headers=location)
+    return response
+
+
+def prefer_wait(prefer: str, most: float) -> float:
+    for part in prefer.split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == "wait":
+            try:
+                return max(0.0, min(float(value), most)) if value else most
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+async def events(srv: Server, job: dict, last_event_id: str | None):
+    """A job's Server-Sent Events from `last_event_id` on: the buffered ones, then live ones until `done`."""
+    job_id, broker, store = job["id"], srv.broker, srv.store
+    after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() \
+        and len(last_event_id) < 12 else 0
+    q, backlog = broker.listen(job_id, after)
+    try:
+        job = store.job(job_id)
+        if not backlog and after == 0:  # a first connection sees where the job stands
+            yield ServerSentEvent(data={"status": job["status"]}, event="status", id="0")
+        if job["status"] in TERMINAL and not any(e[1] == "done" for e in backlog):
+            ch = broker.channel(job_id)
+            if not any(e[1] == "done" for e in ch.events):  # finished before this server started
+                for i, o in enumerate(store.outputs(job_id)):
+                    yield ServerSentEvent(data={"kind": o["kind"], "url": f"/v1/outputs/{o['id']}"},
+                                          event="output", id=str(after + i + 1))
+                yield ServerSentEvent(data={"status": job["status"], "error": public(job["error"], srv.settings)},
+                                      event="done", id=str(after + 10_000))
+                return
+        for seq, kind, data in backlog:
+            yield ServerSentEvent(data=data, event=kind, id=str(seq))
+            if kind == "done":
+                return
+        while True:
+            seq, kind, data = await q.get()
+            yield ServerSentEvent(data=data, event=kind, id=str(seq))
+            if kind == "done":
+                return
+    finally:
+        broker.unlisten(job_id, q)
+
+
+STREAM_DOCS = {
+    "prediction": "Server-Sent Events: status, progress {step, total, eta_s}, preview {step, url}, output, done.",
+    "training": "Server-Sent Events: status, progress {step, total, loss, eta_s}, output (samples), checkpoint, done.",
+    "batch": "Server-Sent Events: status, progress {done, failed, total}, output (each image), done.",
+    "grid": "Server-Sent Events: progress {done, total}, output (each cell, then the sheet and the CSV), done.",
+}
+CANCEL_DOCS = {"training": "Stop a training after its current step, saving a checkpoint first (resume continues "
+                           "from it)."}
+
+
+def job_routes(kind: str) -> APIRouter:
+    """GET one, GET the list, POST cancel and GET stream for one kind of job, under /v1/{kinds}."""
+    router = APIRouter(prefix=f"/v1/{KINDS[kind]}", tags=[KINDS[kind]], responses=ERRORS)
+    Own = Annotated[dict, Depends(own_job(kind))]
+    one = f"/{{{kind}_id}}"
+
+    @router.get(one, response_model=Job, name=f"get_{kind}")
+    def get(job: Own, srv: Srv, request: Request):
+        return render(srv, job, base(request))
+
+    @router.get("", response_model=Page, name=f"list_{KINDS[kind]}")
+    def list_(who: Owner, srv: Srv, request: Request,
+              cursor: Annotated[str | None, Query(pattern=Cursor, description="`next` gives it")] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 100):
+        """Newest first, `limit` at a time; `next` is the URL of the following page."""
+        return listing(srv, who, kind, cursor, limit, base(request))
+
+    @router.post(one + "/cancel", response_model=Job, name=f"cancel_{kind}",
+                 description=CANCEL_DOCS.get(kind, f"Cancel the {kind}: a queued one at once, a running one at "
+                                                   f"its next step."))
+    def cancel(job: Own, srv: Srv, request: Request):
+        srv.broker.cancel(job["id"])
+        return render(srv, srv.store.job(job["id"]), base(request))
+
+    @router.get(one + "/stream", response_class=EventSourceResponse, name=f"stream_{kind}",
+                description=STREAM_DOCS[kind])
+    async def stream(job: Own, srv: Srv, last_event_id: Annotated[str | None, Header(max_length=20)] = None):
+        async for event in events(srv, job, last_event_id):
+            yield event
+
+    return router
+
+
+__all__ = ["Who", "job_routes", "render", "submit"]

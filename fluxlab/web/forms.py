@@ -1,0 +1,147 @@
+"""The page's forms (generate, grid, train): a form's fields become a /v1 request, and the API's answer a redirect
+to the job or the form again with the error beside its field."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse, Response
+
+from ..serve.deps import SESSION_COOKIE
+from ..serve.http import ApiError, check_origin
+from .site import FLOATS, INTS, TEXTS, call, choices, field_of, guarded, number, render, safe_next, store
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.post("/login")
+async def login(request: Request, token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/"):
+    try:
+        check_origin(request)
+    except ApiError as e:
+        return Response(e.detail, status_code=403, media_type="text/plain")
+    name = store(request).owner_of(token.strip()) if token.strip() else None
+    if name is None:
+        wait = request.app.state.server.throttle.failed(request.client.host if request.client else "?")
+        return render(request, "login.html", status=429 if wait else 401, page="login", title="Log in",
+                      next=safe_next(next), error=f"too many failed logins; wait {wait:.0f} s" if wait else
+                      "this token is not valid (create one with `fluxlab token create NAME`)")
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(SESSION_COOKIE, store(request).create_session(name), httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", max_age=14 * 86400, path="/")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request):
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        store(request).end_session(cookie)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def prediction_input(form: dict) -> dict:
+    inp: dict = {}
+    for k in TEXTS:
+        if form.get(k):
+            inp[k] = form[k]
+    for k in INTS:
+        if form.get(k, "").strip():
+            inp[k] = number(form[k], int)
+    for k in FLOATS:
+        if form.get(k, "").strip():
+            inp[k] = number(form[k], float)
+    if form.get("lora"):
+        inp["lora"] = [{"name": form["lora"], "scale": number(form.get("lora_scale") or "1", float)}]
+    return inp
+
+
+async def upload_all(request: Request, uploads: list) -> tuple[list[dict], str | None]:
+    """Each file of a form field uploaded through /v1/files: their infos, or the first error."""
+    infos = []
+    for f in uploads:
+        if hasattr(f, "filename") and f.filename:
+            r = await call(request, "POST", "/v1/files", files={"file": (f.filename, await f.read())})
+            if r.status_code != 201:
+                return infos, r.json().get("detail", str(r.status_code))
+            infos.append(r.json())
+    return infos, None
+
+
+@router.post("/generate")
+@guarded
+async def generate_form(request: Request):
+    data = await request.form()
+    form = {k: v for k, v in data.items() if isinstance(v, str)}
+    inp = prediction_input(form)
+    errors: dict = {}
+    for k in ("images", "init", "mask"):
+        infos, error = await upload_all(request, data.getlist(k))
+        if error:
+            errors[k] = error
+        elif infos:
+            inp[k] = [i["id"] for i in infos] if k == "images" else infos[0]["id"]
+    if not errors:
+        r = await call(request, "POST", "/v1/predictions", json={"model": form.get("model", "demo"), "input": inp})
+        if r.status_code == 201:
+            return RedirectResponse(f"/jobs/{r.json()['id']}", status_code=303)
+        detail = r.json().get("detail", str(r.status_code))
+        errors[field_of(detail)] = detail
+    return render(request, "generate.html", status=422, page="generate", title="Generate", form=form,
+                  errors=errors, **(await choices(request)))
+
+
+@router.post("/grid")
+@guarded
+async def grid_form(request: Request):
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    body = {"model": form.get("model", "demo"), "prompt": form.get("prompt", ""), "x": form.get("x", ""),
+            "y": form.get("y") or None, "input": {}}
+    if form.get("seed", "").strip():
+        body["input"]["seed"] = number(form["seed"], int)
+    r = await call(request, "POST", "/v1/grids", json=body)
+    if r.status_code == 201:
+        return RedirectResponse(f"/jobs/{r.json()['id']}", status_code=303)
+    detail = r.json().get("detail", str(r.status_code))
+    return render(request, "grid.html", status=422, page="grid", title="Grid", form=form, errors={"": detail},
+                  **(await choices(request)))
+
+
+def training_input(form: dict, ids: list[dict]) -> dict:
+    zipped = len(ids) == 1 and ids[0]["kind"] == "zip"
+    inp = {"input_images": ids[0]["id"] if zipped else [i["id"] for i in ids],
+           "trigger_word": form.get("trigger_word", ""), "steps": number(form.get("steps") or "1000", int)}
+    for k, kind in (("lora_rank", int), ("learning_rate", float)):
+        if form.get(k, "").strip():
+            inp[k] = number(form[k], kind)
+    if form.get("name", "").strip():
+        inp["name"] = form["name"].strip()
+    if form.get("config", "").strip():
+        inp["config"] = form["config"]
+    return inp
+
+
+@router.post("/train")
+@guarded
+async def train_form(request: Request):
+    data = await request.form()
+    form = {k: v for k, v in data.items() if isinstance(v, str)}
+    errors: dict = {}
+    ids, error = await upload_all(request, data.getlist("images"))
+    if error:
+        errors["input_images"] = error
+    elif not ids:
+        errors["input_images"] = "input_images: give a zip of images, or images"
+    if not errors:
+        r = await call(request, "POST", "/v1/trainings", json={"model": form.get("model", "demo"),
+                                                               "input": training_input(form, ids)})
+        if r.status_code == 201:
+            return RedirectResponse(f"/trainings/{r.json()['id']}", status_code=303)
+        detail = r.json().get("detail", str(r.status_code))
+        field = field_of(detail)
+        if detail.startswith(("input.config", "training")) or "config." in detail:
+            field = "config"
+        errors[field] = detail
+    return render(request, "train.html", status=422, page="train", title="Train", form=form, errors=errors,
+                  **(await choices(request)))

@@ -1,0 +1,114 @@
+"""What every page shares: the templates, who is logged in, the in-process call to the public /v1 API, and the
+`guarded` wrapper (a login, and this server's own Origin for a POST)."""
+
+import functools
+import math
+import re
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from ..serve.deps import SESSION_COOKIE
+from ..serve.http import ApiError, check_origin
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+INTS = ("width", "height", "steps", "seed", "num_images")
+FLOATS = ("guidance", "strength", "eta")
+TEXTS = ("prompt", "negative", "sampler", "schedule", "preset", "template")
+FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "images", "init", "mask", "model", "input_images", "trigger_word",
+          "config")
+
+
+def store(request: Request):
+    return request.app.state.server.store
+
+
+def who(request: Request) -> str | None:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return store(request).session_owner(cookie) if cookie else None
+
+
+def render(request: Request, template: str, status: int = 200, **ctx) -> Response:
+    name = who(request)
+    admin = name is not None and store(request).role(name) == "admin"
+    return templates.TemplateResponse(request, template, {"owner": name, "admin": admin, **ctx}, status_code=status)
+
+
+async def call(request: Request, method: str, path: str, **kw):
+    """The public API, asked in-process as this visitor (their cookie, this server's Origin)."""
+    import httpx
+
+    origin = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=request.app), base_url=origin,
+                                 cookies={SESSION_COOKIE: request.cookies.get(SESSION_COOKIE, "")},
+                                 headers={"origin": origin}, timeout=120) as client:
+        return await client.request(method, path, **kw)
+
+
+def login_redirect(request: Request) -> RedirectResponse:
+    from urllib.parse import quote
+
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+
+def guarded(handler):
+    """A page that needs a login (and, for a POST, this server's own Origin)."""
+
+    @functools.wraps(handler)
+    async def page(request: Request, *args, **kwargs):
+        if who(request) is None:
+            return login_redirect(request)
+        if request.method == "POST":
+            try:
+                check_origin(request)
+            except ApiError as e:
+                return Response(e.detail, status_code=403, media_type="text/plain")
+        return await handler(request, *args, **kwargs)
+    return page
+
+
+def field_of(message: str) -> str:
+    """The form field a 422 names ("width 100 is not ...", "input.steps: ..."), or "" for the form as a whole."""
+    m = re.match(r"^(?:input\.)?([a-z_]+)", message or "")
+    if m and m.group(1) in FIELDS:
+        return m.group(1)
+    for f in FIELDS:
+        if re.search(rf"\b{f}\b", message or ""):
+            return f
+    return ""
+
+
+def number(text: str, kind):
+    """A form value as the request's type, or the text unchanged (the API then names it)."""
+    text = text.strip()
+    try:
+        value = kind(text)
+    except ValueError:
+        return text
+    return value if kind is int or math.isfinite(value) else text
+
+
+def safe_next(target: str) -> str:
+    """Only a path on this server (never another site) after logging in."""
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+async def choices(request: Request) -> dict:
+    from ..spec.presets import BUILTIN_PRESETS, BUILTIN_TEMPLATES
+    from ..spec.samplers import SAMPLERS
+    from ..spec.values import ASPECTS
+
+    settings = request.app.state.server.settings
+    data = (await call(request, "GET", "/v1/models")).json()
+    models = [m for m in data["models"] if m.get("bundled") or m.get("cached_gb") or m["name"] in settings.models]
+    for m in models:
+        m.setdefault("guidance_mode", "cfg")
+        m.setdefault("steps", "")
+        m.setdefault("default_size", ["", ""])
+    presets = sorted({p for group in BUILTIN_PRESETS.values() for p in group})
+    return {"models": models, "loras": data["loras"], "samplers": list(SAMPLERS), "aspects": ASPECTS,
+            "presets": presets, "templates": sorted(BUILTIN_TEMPLATES)}
