@@ -98,3 +98,17 @@ def test_spec_and_core_never_import_service_or_cli_and_spec_is_torch_free():
         assert not any(layer(d) in ("service", "cli") for d in deps if d.startswith("fluxlab")), m
         if layer(m) == "spec":
             assert not {d.split(".")[0] for d in deps} & TORCH_LIKE - {"numpy"}, m
+
+
+def test_server_and_page_functions_are_short():
+    """serve/ and web/ are routers of small handlers: no function over 120 lines, and create_app only assembles
+    (under 60)."""
+    long = []
+    for path in [*(ROOT / "serve").rglob("*.py"), *(ROOT / "web").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = node.end_lineno - node.lineno + 1
+                limit = 60 if node.name == "create_app" else 120
+                if size > limit:
+                    long.append(f"{path.relative_to(ROOT)}:{node.name} ({size} lines)")
+    assert not long, long

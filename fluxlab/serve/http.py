@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import re
+import sqlite3
 import tempfile
 import threading
 import time
@@ -54,6 +55,12 @@ def install_handlers(app: FastAPI, settings) -> None:
     @app.exception_handler(OSError)
     async def os_error(request, e: OSError):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return answer(507, DISK_FULL)
+        raise e
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def db_error(request, e: sqlite3.OperationalError):
+        if "full" in str(e):  # SQLITE_FULL: the disk, not the database
             return answer(507, DISK_FULL)
         raise e
 

@@ -7,8 +7,10 @@ migration table so a newer fluxlab upgrades an older data folder in place. One c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -77,7 +79,7 @@ def token_hash(token: str) -> str:
 
 
 def exists(data: Path) -> bool:
-    return (Path(data) / "fluxlab.db").is_file()
+    return (Path(data) / "fluxlab.db").exists()
 
 
 class Store:
@@ -94,6 +96,9 @@ class Store:
             if self.path.exists() and not self.path.is_file():
                 raise sqlite3.DatabaseError("it is not a file")
             self.migrate()
+            for suffix in ("", "-wal", "-shm"):  # tokens, jobs and sessions: for the server's user alone
+                with contextlib.suppress(OSError):
+                    os.chmod(f"{self.path}{suffix}", 0o600)
             if check:
                 result = self.db.execute("PRAGMA quick_check").fetchone()[0]
                 if result != "ok":

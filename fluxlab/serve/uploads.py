@@ -1,6 +1,7 @@
 """Uploads: streamed to disk within their kind's limit, checked as fluxlab will use them (an image's header and
-pixels, a zip's members, a LoRA's safetensors header) and kept under a new id. Anything refused leaves nothing
-behind; at most two images are decoded at once, so many concurrent large uploads cannot exhaust memory."""
+structure, a zip's members, a LoRA's safetensors header) and kept under a new id. Anything refused leaves nothing
+behind. Images are not decoded here (the worker decodes what it uses), and at most two are verified at once,
+so many concurrent large uploads cannot exhaust the API process's memory."""
 
 import hashlib
 import json
@@ -95,8 +96,8 @@ def save_upload(store: Store, settings: Settings, upload, who: str) -> dict:
         if kind == "image":
             from ..spec.images import inspect
 
-            with DECODING:  # the header is checked (pixel cap) before any decoding, inside inspect
-                inspect(target, f"upload {name}", check_shape=False)
+            with DECODING:  # header and structure only: the pixels are decoded by the worker that uses them
+                inspect(target, f"upload {name}", check_shape=False, decode=False)
         elif kind == "zip":
             check_zip(target, name)
         else:

@@ -93,9 +93,11 @@ def open_image(path: str | Path, what: str = "image", data: bytes | None = None)
     return im
 
 
-def inspect(path: str | Path, what: str = "image", check_shape: bool = True) -> ImageInfo:
-    """Read an input image's bytes once, hash them and check its header (cheap: no decoding). Masks skip the side
-    and aspect checks (`check_shape=False`): they are resized to the image they belong to."""
+def inspect(path: str | Path, what: str = "image", check_shape: bool = True, decode: bool = True) -> ImageInfo:
+    """Read an input image's bytes once, hash them and check its header. Masks skip the side and aspect checks
+    (`check_shape=False`): they are resized to the image they belong to. With `decode` the pixels are decoded too
+    (damage past the header is found now); without, only the file's structure is verified (PNG chunk checksums),
+    which needs no memory for the pixels: a server checks uploads that way."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{what} {path} is a folder, not an image file")
@@ -110,7 +112,7 @@ def inspect(path: str | Path, what: str = "image", check_shape: bool = True) -> 
     frames = getattr(im, "n_frames", 1)
     with guarded(what, path):
         try:  # damage past a valid header is found now, before any weights load, not halfway through a run
-            im.load()
+            im.load() if decode else im.verify()
         except (OSError, SyntaxError, ValueError) as e:
             raise UserError(f"{what} {path} is corrupt ({e})") from None
         finally:
