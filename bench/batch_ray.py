@@ -10,6 +10,11 @@ worker has its own GPU: `--ray-address ADDR --workers N --gpus-per-worker 1`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # in the project's .venv, whatever python started this
+    import project_venv
+
+    project_venv.use()
+
 import argparse
 import os
 import platform

@@ -11,6 +11,11 @@ itself stays under ~9 GB of RAM. Both fluxlab and diffusers load the same files.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # in the project's .venv, whatever python started this
+    import project_venv
+
+    project_venv.use()
+
 import argparse
 import gc
 import json

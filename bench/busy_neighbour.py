@@ -12,6 +12,11 @@ The goal is "beside training" within 2.5x of "alone". Run it on a machine with n
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # in the project's .venv, whatever python started this
+    import project_venv
+
+    project_venv.use()
+
 import argparse
 import json
 import os

@@ -15,6 +15,11 @@ not at all when the FLOP floor at the bf16 rate exceeds --max-minutes, which is 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # in the project's .venv, whatever python started this
+    import project_venv
+
+    project_venv.use()
+
 import argparse
 import json
 import os

@@ -11,6 +11,11 @@ the phases fluxlab measured inside the command (load, encode, denoise, decode, s
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # in the project's .venv, whatever python started this
+    import project_venv
+
+    project_venv.use()
+
 import argparse
 import json
 import statistics

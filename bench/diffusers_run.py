@@ -7,6 +7,11 @@ Times the phases by hooking the pipeline's text encoder, transformer and VAE dec
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # in the project's .venv, whatever python started this
+    import project_venv
+
+    project_venv.use()
+
 import argparse
 import json
 import time

@@ -12,6 +12,11 @@ diffusers' Flux2KleinPipeline in bf16 with everything resident, the configuratio
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # in the project's .venv, whatever python started this
+    import project_venv
+
+    project_venv.use()
+
 import argparse
 import json
 import sys

@@ -27,6 +27,14 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def _full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) and move the result into place, so no reader ever sees half a file.
 
@@ -43,7 +51,9 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or _full(path.parent)):
+            # numpy's tofile reports a short write without an errno ("N requested and M written"): the free
+            # space, read now, tells a full disk from another failure
             raise UserError(f"the disk is full: {path} was not written") from None
         raise
 

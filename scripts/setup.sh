@@ -11,8 +11,11 @@ EXTRAS=""
 [ "${1:-}" = "--test" ] && EXTRAS="[test]"
 TORCH="${FLUXLAB_TORCH:-2.13.0}"
 STAMP=.venv/.fluxlab-setup
-WANT="$(cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1) torch=$TORCH extras=$EXTRAS"
-if [ -x .venv/bin/python ] && [ -f "$STAMP" ] && grep -qxF "$WANT" "$STAMP" \
+BASE="$(cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1) torch=$TORCH"
+WANT="$BASE extras=$EXTRAS"
+# Done already: this setup, or (for a plain one) the test setup, which installs everything a plain one does.
+if [ -x .venv/bin/python ] && [ -f "$STAMP" ] \
+    && { grep -qxF "$WANT" "$STAMP" || { [ -z "$EXTRAS" ] && grep -qxF "$BASE extras=[test]" "$STAMP"; }; } \
     && .venv/bin/python -c "import fluxlab, importlib.metadata as m; m.version('torch')" 2>/dev/null; then
   exit 0
 fi

@@ -97,6 +97,19 @@ def inputs(tmp_path_factory, tiny_dirs, tiny_pipes):
     png_with_text(d / "meta-newbad.png", json.dumps({"fluxlab": "0.2", "request": {"prompt": "x", "steps": "3"},
                                                      "model": {"name": "demo"}}))
     png_bomb(d / "meta-bomb.png", 20000, 20000)
+    whole = png_with_text(d / "meta-whole.png", json.dumps({"fluxlab": "0.2", "request": {"prompt": "x"},
+                                                            "model": {"name": "demo"}}))
+    (d / "meta-truncated.png").write_bytes(whole.read_bytes()[:-30])  # the text chunk comes after the pixels
+    png_with_text(d / "meta-oldschedule.png", json.dumps({"fluxlab": "0.1.0", "prompt": "x", "model": "demo",
+                                                          "seed": 1, "schedule": {"name": 5}}))
+    (d / "binary.jsonl").write_bytes(bytes(range(1, 256)) * 4)
+    (d / "prompts.txt").write_text("a red circle\n")
+    for name, plan in (("plan-int", 5), ("prompts-int", {"prompts": 5}), ("seeds-text", {"seeds": "abc"})):
+        folder = d / "batches" / name
+        folder.mkdir(parents=True)
+        good = {"model": {"name": "demo"}, "runtime": {}, "base": {}, "prompts": [{"prompt": "x"}], "seeds": [0, 1]}
+        (folder / "job.json").write_text(json.dumps({"plan": plan if isinstance(plan, int) else {**good, **plan}}))
+    (d / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\0" * 20)
     return d
 
 
@@ -255,14 +268,37 @@ OUTPUTS = [
 ]
 
 METADATA = [
-    (f"{cmd}-{name}", (lambda c, n: lambda d, k: ([c, d / f"{n}.png"] if c == "show" else
+    (f"{cmd}-{name}", (lambda c, n: lambda d, k: (["show", d / f"{n}.png"] if c == "show" else
+                                                 ["show", "--json", d / f"{n}.png"] if c == "show-json" else
                                                  ["generate", "--from", d / f"{n}.png", "-o", "out/x.png"]))(cmd, name),
      message)
-    for cmd in ("show", "from")
-    for name, message in [("meta-list", "not an object"), ("meta-missing", "without 'model'"),
+    for cmd in ("show", "show-json", "from")
+    for name, message in [("meta-truncated", "is damaged"), ("meta-oldschedule", "schedule"),
+                          ("meta-list", "not an object"), ("meta-missing", "without 'model'"),
                           ("meta-type", "seed"), ("meta-notjson", "not JSON"), ("meta-none", "no fluxlab metadata"),
                           ("meta-newbad", "request.steps"), ("meta-bomb", "over the 64 MP limit"),
                           ("text", "is not an image"), ("none", "does not exist")]
+]
+
+def batch(prompts, *extra, out="out/b"):
+    return ["batch", prompts, "-m", "demo", "--seeds", "0-1", "--out", out, *extra]
+
+
+BATCHES = [
+    ("batch-seeds-many", lambda d, k: batch(d / "prompts.txt", "--seeds", "0-1000000000"),
+     "more than 1,000,000 seeds"),
+    ("batch-seeds-ranges", lambda d, k: batch(d / "prompts.txt", "--seeds", "0-999999,0-999999"),
+     "more than 1,000,000 seeds"),
+    ("batch-low-lora", lambda d, k: batch(d / "prompts.txt", "--memory", "low", "--device", "cpu", "--lora",
+                                          d / "lora.safetensors"), "does not combine with --lora"),
+    ("batch-gguf-truncated", lambda d, k: batch(d / "prompts.txt", "--transformer", d / "truncated.gguf"),
+     "truncated.gguf"),
+    ("batch-binary-prompts", lambda d, k: batch(d / "binary.jsonl"), "not UTF-8 text"),
+    ("batch-status-plan-int", lambda d, k: ["batch", "status", d / "batches" / "plan-int"], "expected a JSON object"),
+    ("batch-verify-prompts-int", lambda d, k: ["batch", "verify", d / "batches" / "prompts-int"], "prompts"),
+    ("batch-status-seeds-text", lambda d, k: ["batch", "status", d / "batches" / "seeds-text"], "seeds"),
+    ("lora-scale-markup", lambda d, k: gen(k, "--lora", "x:abc:"), "x:abc:"),
+    ("threads-env", lambda d, k: ["env", "OMP_NUM_THREADS=abc", *gen(k)], "OMP_NUM_THREADS='abc'"),
 ]
 
 PRESETS = [
@@ -296,7 +332,7 @@ def world(tmp_path, monkeypatch, inputs):
 
 
 AFTER_LOAD = {"lora-size"}  # found once the transformer's layers exist, still before any output
-CASES = GENERATE + MODELS + IMAGES + LORAS + OUTPUTS + METADATA + PRESETS
+CASES = GENERATE + MODELS + IMAGES + LORAS + OUTPUTS + METADATA + PRESETS + BATCHES
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -306,7 +342,11 @@ def test_bad_input(case, world, inputs, tiny_dirs, capsys, monkeypatch):
         monkeypatch.undo()
         monkeypatch.chdir(world)
         monkeypatch.setenv("FLUXLAB_CONFIG_DIR", str(world / "config"))
-    check(capsys, [world, inputs], args(inputs, str(tiny_dirs["flux2-klein"])), message)
+    argv = args(inputs, str(tiny_dirs["flux2-klein"]))
+    if argv[0] == "env":  # a bad environment variable for this case alone
+        monkeypatch.setenv(*argv[1].split("=", 1))
+        argv = argv[2:]
+    check(capsys, [world, inputs], argv, message)
 
 
 def test_the_table_covers_every_class():
@@ -405,6 +445,7 @@ TRAIN_CASES = [
     ("zip-not-zip", lambda d, z, k: _one_line(z / "notzip.zip", k), "is not a readable zip file"),
     ("no-trigger", lambda d, z, k: ["train", "--images", z / "nested.zip"], "needs --trigger"),
     ("resume-missing", lambda d, z, k: ["train", "--resume", d / "none"], "no such run folder"),
+    ("threads-zero", lambda d, z, k: ["train", "--threads", 0, *_one_line(z / "crc.zip", k)[1:]], "--threads"),
 ]
 
 
@@ -508,8 +549,10 @@ def test_full_disk_names_the_last_complete_image(tiny_dirs, tmp_path, capsys, mo
 
 @pytest.fixture
 def busy_machine(monkeypatch):
-    """Real neighbours computing on all CPUs but one, and the thread decision forgotten, so the next command
-    decides (and reports) a busy machine."""
+    """A machine whose other CPUs are busy: real neighbours computing on all CPUs but one, and the thread decision
+    forgotten, so the next command decides (and reports) a busy machine. What the thread policy reads of them
+    (/proc/loadavg's runnable count) is fixed at what they are, since a sample can miss a neighbour that the
+    scheduler just preempted: this test is about when the note is said, not about sampling the load."""
     import subprocess
     import sys
     import time
@@ -519,8 +562,11 @@ def busy_machine(monkeypatch):
     monkeypatch.delenv("FLUXLAB_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "_applied", None)
+    monkeypatch.setattr(threads, "_told", None)  # said once per process: this "process" has not said it yet
+    monkeypatch.setattr(threads, "_kept", None)
     cpus = threads.usable_cpus()
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, cpus - 1))]
+    monkeypatch.setattr(threads, "others_running", lambda *a, **k: len(spinners))
     time.sleep(0.5)  # let them reach the run queue
     try:
         yield cpus
@@ -528,13 +574,14 @@ def busy_machine(monkeypatch):
         for p in spinners:
             p.kill()
             p.wait()
+        monkeypatch.undo()
         threads.apply_threads()  # back to this machine's own decision for the tests that follow
 
 
 def test_a_busy_machine_adds_nothing_to_a_refusal(busy_machine, tmp_path, zips, tiny_dirs, inputs, capsys,
                                                   monkeypatch):
-    """The busy-machine note is said once the input has passed its checks: refusals found while reading a zip or
-    loading a model stay one line, and a run that goes ahead says it."""
+    """The busy-machine note is said once, after the work succeeded: refusals found while reading a zip or loading
+    a model stay one line, and a run that goes ahead says it (after its output), once per process."""
     monkeypatch.chdir(tmp_path)
     k = str(tiny_dirs["flux2-klein"])
     check(capsys, tmp_path, _one_line(zips / "crc.zip", k), "is damaged")
@@ -543,3 +590,33 @@ def test_a_busy_machine_adds_nothing_to_a_refusal(busy_machine, tmp_path, zips, 
     assert code == 0, err
     if busy_machine > 1:  # one CPU is never shared: there is nothing to say
         assert err.count("busy machine") == 1, err
+        code, _, err = run(capsys, *gen(k, "--steps", 1, out="out/y.png"))
+        assert code == 0 and "busy machine" not in err, err
+
+
+def test_batch_without_ray_writes_nothing(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    check(capsys, tmp_path, ["batch", tmp_path / "p.txt", "-m", "demo", "--engine", "ray", "--out", tmp_path / "b"],
+          "pip install 'fluxlab[ray]'")
+
+
+def test_an_animated_mask_is_said(inputs, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "a red circle", "-m", "demo", "--steps", 2, "--init", inputs / "good.png",
+                       "--mask", inputs / "anim.webp", "-o", tmp_path / "x.png")
+    assert code == 0, err
+    assert "mask anim.webp is animated (2 frames); using the first frame" in err
+
+
+def test_a_full_disk_while_quantizing_is_one_line(tmp_path, capsys):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        check(capsys, mnt, ["quantize", "demo", "--to", "q8_0", "-o", mnt / "demo.gguf"], "the disk is full")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

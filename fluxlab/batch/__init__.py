@@ -60,15 +60,17 @@ def make_plan(prompts: str | Path, model, seeds: str | list[int] = "0", runtime=
     return BatchPlan(pin_loras(ref), rt, base, read_prompts(prompts), seed_list, str(prompts))
 
 
-def check(plan: BatchPlan) -> None:
-    """The shared settings checked against the model before anything runs (a bad line fails alone later)."""
+def check(plan: BatchPlan, check_files: bool = True) -> None:
+    """The shared settings checked against the model before anything runs (a bad line fails alone later), as
+    generate checks them: device, memory plan, LoRA files and a single-file transformer (check_files=False, a
+    server taking the batch for its worker: what needs torch is checked by the worker)."""
     from ..service.generate import prepare
     from ..spec.request import make_request
 
     first = next((row for row in plan.prompts if isinstance(row, dict) and isinstance(row.get("prompt"), str)), None)
     if first is not None:
         prepare(make_request(**{**plan.base, "prompt": first["prompt"], "seed": plan.seeds[0]}), plan.model,
-                plan.runtime, check_files=False)
+                plan.runtime, check_files=check_files)
 
 
 def run(plan: BatchPlan, out: str | Path, engine: str = "auto", workers: int = 2, address: str | None = None,
@@ -109,6 +111,25 @@ def run(plan: BatchPlan, out: str | Path, engine: str = "auto", workers: int = 2
     else:
         engines.run_local(plan, out, pending, row, cancel)
     report.seconds = time.perf_counter() - t0
-    if rank == 0 and engine != "accelerate":
+    if engine == "accelerate" and engines.process_share()[1] > 1:
+        total_up(report)
+    if rank == 0:
         rebuild_manifest(out)
     return report
+
+
+def total_up(report: Report) -> None:
+    """Under `accelerate launch`: every process's counts summed into each report (a gloo all-reduce, which also
+    waits for the slowest process), so the summary tells the whole batch's work."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    counts = torch.tensor([report.made, report.failed, report.skipped], dtype=torch.float64)
+    dist.all_reduce(counts)
+    seconds = torch.tensor([report.seconds], dtype=torch.float64)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    report.made, report.failed, report.skipped = (int(x) for x in counts.tolist())
+    report.seconds = float(seconds.item())
+    dist.destroy_process_group()

@@ -20,9 +20,10 @@ from .plan import BatchPlan, Item
 
 
 class ItemOutput:
-    """One item's file: the output policy service.generate writes through."""
+    """One item's file: the output policy service.generate writes through. Without the run's timings (they differ
+    from run to run), so the same item is the same bytes whichever engine, process or machine made it."""
 
-    reproducible = False
+    reproducible = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -102,8 +103,12 @@ class RayWorker:
     """A Ray Data actor: loads the model once (its constructor), then makes batches of items and returns rows of
     path and status (never pixels: the images go to the shared folder)."""
 
-    def __init__(self, plan: dict, out: str):
-        self.runner = Runner(BatchPlan.from_json(plan), Path(out))
+    def __init__(self, out: str):
+        from .plan import load_plan
+
+        # The plan from the batch folder's job.json (the folder is shared anyway): a small constructor argument,
+        # so Ray keeps it inline instead of in the object store, where a restartable actor's arguments trouble it.
+        self.runner = Runner(load_plan(Path(out)), Path(out))
         folder = Path(out) / ".workers"
         folder.mkdir(exist_ok=True)
         (folder / f"{os.uname().nodename}-{os.getpid()}").write_text(str(time.time()))
@@ -143,17 +148,28 @@ def run_ray(plan: BatchPlan, out: Path, items: list[Item], on_row: Callable, wor
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # fluxlab shows one progress bar of its own
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    for quiet in ("print_on_execution_start", "verbose_stats_logs"):  # Ray Data's own notes (newer versions)
+        if hasattr(ctx, quiet):
+            setattr(ctx, quiet, False)
     ordered = by_prompt(items)
     rows = [{"index": i.index, "prompt_index": i.prompt_index, "seed": i.seed, "request": json.dumps(i.request),
              "error": i.error or ""} for i in ordered]
     # A batch per prompt's seeds (one encode per actor and prompt); an explicit size, as GPU actors require.
     size = batch_size or max(1, min(len(plan.seeds), 16))
     ds = ray.data.from_items(rows).map_batches(
-        RayWorker, fn_constructor_kwargs={"plan": plan.to_json(), "out": str(out)}, batch_size=size,
+        RayWorker, fn_constructor_kwargs={"out": str(out)}, batch_size=size,
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None, batch_format="numpy")
     for row in ds.iter_rows():
         on_row({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+
+
+def _ray_installed() -> str:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("the ray engine needs Ray: pip install 'fluxlab[ray]'") from None
+    return "ray"
 
 
 def choose(engine: str, address: str | None) -> str:
@@ -161,9 +177,9 @@ def choose(engine: str, address: str | None) -> str:
     if engine != "auto":
         if engine not in ("local", "accelerate", "ray"):
             raise UserError(f"unknown engine {engine!r}; valid: auto, local, accelerate, ray")
-        return engine
+        return _ray_installed() if engine == "ray" else engine
     if address or os.environ.get("RAY_ADDRESS"):
-        return "ray"
+        return _ray_installed()
     if process_share()[1] > 1:
         return "accelerate"
     return "local"

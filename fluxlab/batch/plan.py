@@ -15,11 +15,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from .. import __version__
 from ..errors import UserError
 from ..files import atomic_write, check_writable
 from ..spec.request import ModelRef, Runtime
+from ..spec.typed import Strict
 
 JOB = "job.json"
 MANIFEST = "manifest.jsonl"
@@ -78,8 +82,15 @@ def read_prompts(path: str | Path) -> list[dict | str]:
         return [{"prompt": t} for t in read_prompt_file(str(p))]
     if not p.is_file():
         raise UserError(f"prompts file {path} does not exist")
+    data = p.read_bytes()
+    if b"\0" in data:
+        raise UserError(f"prompts file {path} holds NUL bytes: it is not a text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows: list[dict | str] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
@@ -90,7 +101,20 @@ def read_prompts(path: str | Path) -> list[dict | str]:
         rows.append(row if isinstance(row, dict) else f"{p.name} line {n} is not a JSON object")
     if not rows:
         raise UserError(f"prompts file {path} has no lines")
+    if all(isinstance(r, str) for r in rows):  # not one usable line: the file, not a line, is wrong
+        raise UserError(f"prompts file {path} has no JSON object line ({rows[0]})")
     return rows
+
+
+class PlanFile(Strict):
+    """job.json's plan as written: read back through this model, so a hand-edited or damaged file is one line."""
+
+    model: ModelRef
+    runtime: Runtime
+    base: dict
+    prompts: list[dict | str]
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(min_length=1, max_length=MAX_ITEMS)
+    source: str = ""
 
 
 @dataclass
@@ -137,9 +161,11 @@ class BatchPlan:
                 "base": self.base, "prompts": self.prompts, "seeds": self.seeds, "source": self.source}
 
     @classmethod
-    def from_json(cls, data: dict) -> BatchPlan:
-        return cls(ModelRef.model_validate(data["model"]), Runtime.model_validate(data["runtime"]), data["base"],
-                   data["prompts"], data["seeds"], data.get("source", ""))
+    def from_json(cls, data: dict, source: str = "plan") -> BatchPlan:
+        from ..spec.typed import validate
+
+        p = validate(PlanFile, data, source)
+        return cls(p.model, p.runtime, p.base, p.prompts, p.seeds, p.source)
 
 
 def pin_loras(model: ModelRef) -> ModelRef:
@@ -193,9 +219,12 @@ def load_plan(out: Path) -> BatchPlan:
     if not job.is_file():
         raise UserError(f"{out} is not a batch folder (no {JOB})")
     try:
-        return BatchPlan.from_json(json.loads(job.read_text())["plan"])
-    except (OSError, ValueError, KeyError) as e:
+        data = json.loads(job.read_text())
+    except (OSError, ValueError) as e:
         raise UserError(f"{job} is damaged ({type(e).__name__}); it cannot be read") from None
+    if not isinstance(data, dict) or "plan" not in data:
+        raise UserError(f"{job} is damaged (no plan); it cannot be read")
+    return BatchPlan.from_json(data["plan"], f"{job} plan")
 
 
 def append_line(path: Path, row: dict) -> None:

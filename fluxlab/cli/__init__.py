@@ -16,13 +16,33 @@ from ..errors import UserError
 
 app = typer.Typer(
     name="fluxlab",
-    help="A lab for FLUX image models: generate, inspect, compare, train, serve.",
+    help="A lab for FLUX image models: generate, inspect, compare, train, serve. Add --verbose to any command to see "
+         "the libraries' own warnings and logs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+def _type_column(self, ctx) -> str | None:
+    """The help's type column as people read it: nothing for an on/off flag, the metavar when one is given, else the
+    value's kind in capitals (TEXT, INTEGER, FLOAT; '...' for a repeatable option), where typer 0.29 writes its
+    Python type (<bool>, <list[str]>)."""
+    if getattr(self, "is_flag", False):
+        return None
+    if self.metavar:
+        return self.metavar
+    label = str(self.display_type(ctx)).strip("<>")
+    many = label.startswith("list[") or getattr(self, "multiple", False)
+    label = label.removeprefix("list[").removesuffix("]")
+    label = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT"}.get(label, label.upper())
+    return label + ("..." if many else "")
+
+
+typer.core.TyperOption.display_type_rich = _type_column
+typer.core.TyperArgument.display_type_rich = _type_column
+
+# emoji off: user values such as a LoRA path ending in ":abc:" are printed as given, never as an emoji
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def say(msg: str) -> None:
@@ -40,18 +60,45 @@ def main(argv: list[str] | None = None) -> int:
     from ..runtime.loading import quiet_logging
     from ..service.events import Cancelled
 
-    quiet_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in args:  # every library's own warnings and logs too
+        args.remove("--verbose")
+    else:
+        quiet_logging()
+    argv = args
+    try:
+        check_environment()
+    except UserError as e:
+        err.print("[red]error:[/red] " + escape(str(e)))
+        return 2
     for console in (out, err):  # into a file or a pipe, tables keep every name and number whole
         if not console.is_terminal:
             console.width = max(console.width, 200)
+    from ..runtime import threads
+
+    threads.defer_notes()  # a busy machine is said after the work succeeded, never before an error line
     try:
         # Without standalone mode typer returns the exit code (130 after Ctrl-C) instead of exiting.
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code == 130:
             err.print("interrupted")
-        return code if isinstance(code, int) else 0
+        code = code if isinstance(code, int) else 0
+        note = threads.take_note(code == 0)
+        if note:
+            say(note)
+        return code
     except UserError as e:
+        threads.take_note(False)
         err.print("[red]error:[/red] " + escape(" ".join(str(e).split("\n"))))
+        return 2
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        err.print("[red]error:[/red] " + escape(f"the disk is full{where}; nothing partial was kept; free some "
+                                                 f"space and run it again"))
         return 2
     except typer.TyperException as e:  # click usage errors (typer vendors click): bad flag, bad number
         if type(e).__name__ == "NoArgsIsHelpError":
@@ -68,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as e:
         return e.exit_code
+
+
+def check_environment() -> None:
+    """Thread counts from the environment, checked before torch starts: the OpenMP runtime would otherwise print
+    its own warning lines for a bad value and carry on with a default."""
+    import os
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLUXLAB_THREADS"):
+        value = os.environ.get(name)
+        if value is not None and not (value.strip().isdigit() and int(value) >= 1):
+            raise UserError(f"{name}={value!r} is not a positive whole number; set it to a thread count (e.g. 2) "
+                            f"or unset it")
 
 
 def _given_value(e, argv) -> str | None:

@@ -27,7 +27,8 @@ def train(
                                                "1024 for FLUX models).")] = None,
     resume: Annotated[str | None, Opt(help="Continue the run in this folder from its last checkpoint.")] = None,
     device: Annotated[str | None, Opt(help="Override the config's device.")] = None,
-    threads: Annotated[int | None, Opt(help="torch threads (default: this process's share of the CPUs).")] = None,
+    threads: Annotated[int | None, Opt(help="torch threads (default: this process's share of the CPUs).", min=1,
+                                       max=1024)] = None,
 ):
     """Train a LoRA: from a YAML config, from a folder of images (--images), or --resume a run."""
     from ..service import events as ev

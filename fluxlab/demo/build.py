@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import string
 import time
@@ -349,11 +350,16 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     from diffusers import Flux2Transformer2DModel
     from safetensors.torch import load_file
 
+    from ..runtime.threads import apply_threads, usable_cpus
     from ..service import events as ev
     from ..service.train import train
     from ..spec.trainconfig import parse
 
     s = s or Settings()
+    # One thread count whatever else runs on the machine (the thread policy would give a busy machine fewer): sums
+    # split over another number of threads add in another order, and a build gives the same bits every time.
+    threads = int(os.environ.get("FLUXLAB_THREADS") or usable_cpus())
+    apply_threads(threads)
     work = Path(work or Path.home() / ".cache" / "fluxlab" / "demo-build")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -379,7 +385,7 @@ def build(out: Path = DEFAULT_OUT, work: Path | None = None, s: Settings | None 
     run_root = work / f"train-{s.key(*asdict(s))}"
     shutil.rmtree(run_root / "demo", ignore_errors=True)
     config = parse(train_config(s, init, dataset, edits, run_root, masks), "demo build")
-    weights = train(config, events=lambda e: log(e.text) if isinstance(e, ev.Notice) else None).lora
+    weights = train(config, events=lambda e: log(e.text) if isinstance(e, ev.Notice) else None, threads=threads).lora
     t2 = time.perf_counter()
     log(f"transformer trained: {s.steps} steps in {t2 - t1:.0f} s")
     # Assemble: the init pipeline with the trained (EMA) transformer weights, written next to `out`, then moved.

@@ -381,11 +381,15 @@ def quiet_logging() -> None:
     transformers' warnings about optional integrations. Imports nothing, so the CLI calls it first thing; it
     must run before the first of those libraries is imported."""
     import logging
+    import warnings
 
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("torch.utils._pytree", "torchao"):
+    for name in ("torch.utils._pytree", "torchao", "peft", "accelerate", "ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Their warnings too (peft's "Already found a peft_config", torchao's notes on LoRA layers): fluxlab says what
+    # a user can act on itself. `--verbose` keeps them all.
+    warnings.filterwarnings("ignore", module=r"(peft|torchao|accelerate|diffusers|transformers|ray)(\..*)?$")
 
 
 def quiet_libraries() -> None:

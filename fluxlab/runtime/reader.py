@@ -53,7 +53,12 @@ class TensorFiles:
         path, dtype, shape, start, end = self.entries[name]
         if dtype not in DTYPES:
             raise UserError(f"{path}: tensor {name} has dtype {dtype}, which fluxlab does not read")
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        # The buffer sits at the file offset's alignment (mod 64), as the tensor does in a memory map of the file:
+        # a resident model's weights are such views, and some CPUs' kernels (AVX2 sgemm) add in another order
+        # for another alignment, so only the same alignment gives the resident model's bits.
+        raw = torch.empty(end - start + 64, dtype=torch.uint8)
+        shift = (start - raw.data_ptr()) % 64
+        buf = raw[shift:shift + end - start]
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)

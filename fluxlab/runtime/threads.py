@@ -145,12 +145,37 @@ def apply_threads(requested: int | None = None) -> Threads:
 
 
 def tell_busy(t: Threads, notify) -> None:
-    """Say once per decision that a busy machine got fewer threads. Callers say it once the input has been checked
-    and the model loaded, so that a refusal stays one line (and a refused run leaves it for the next)."""
-    global _told
-    if t.reason.startswith("busy") and t != _told and notify is not None:
-        notify(f"{t.reason}: using {t.count} torch thread(s) (set --threads or FLUXLAB_THREADS to choose)")
+    """Say once per process that a busy machine got fewer threads. Callers say it once the input has been checked
+    and the model loaded, so that a refusal stays one line. Where a front end defers notes (`defer_notes`: the CLI,
+    whose failures are one line), the note is kept for `take_note` instead, said after the work succeeds."""
+    global _told, _kept
+    if t.reason.startswith("busy") and _told is None and notify is not None:
+        text = f"{t.reason}: using {t.count} torch thread(s) (set --threads or FLUXLAB_THREADS to choose)"
+        if _defer:
+            _kept = text
+        else:
+            notify(text)
         _told = t
+
+
+_defer = False
+_kept: str | None = None
+
+
+def defer_notes() -> None:
+    global _defer
+    _defer = True
+
+
+def take_note(succeeded: bool = True) -> str | None:
+    """The busy-machine note kept for the end of a successful command, or None. After a failure nothing is said,
+    and the next command that succeeds in this process says it."""
+    global _kept, _told
+    text, _kept = _kept, None
+    if not succeeded:
+        _told = None if text else _told
+        return None
+    return text
 
 
 def child_env(processes: int, env: dict | None = None) -> dict:

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import UserError
 from . import outbound
@@ -121,8 +120,18 @@ def prefer_wait(prefer: str, most: float) -> float:
     return 0.0
 
 
-async def events(srv: Server, job: dict, last_event_id: str | None):
-    """A job's Server-Sent Events from `last_event_id` on: the buffered ones, then live ones until `done`."""
+def sse(kind: str, data, seq) -> str:
+    """One Server-Sent Event on the wire: its id, its name and its data as one line of JSON."""
+    return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def events(srv: Server, job: dict, last_event_id: str | None, ping_s: float = 15.0):
+    """A job's Server-Sent Events from `last_event_id` on: the buffered ones, then live ones until `done`, with a
+    comment every `ping_s` seconds so proxies keep an idle stream open. Written here rather than with FastAPI's
+    SSE helper, whose keep-alive task raises (and logs a traceback) when a client goes away mid-stream; a
+    plain streaming response just stops."""
+    import asyncio
+
     job_id, broker, store = job["id"], srv.broker, srv.store
     after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() \
         and len(last_event_id) < 12 else 0
@@ -130,23 +139,26 @@ async def events(srv: Server, job: dict, last_event_id: str | None):
     try:
         job = store.job(job_id)
         if not backlog and after == 0:  # a first connection sees where the job stands
-            yield ServerSentEvent(data={"status": job["status"]}, event="status", id="0")
+            yield sse("status", {"status": job["status"]}, 0)
         if job["status"] in TERMINAL and not any(e[1] == "done" for e in backlog):
             ch = broker.channel(job_id)
             if not any(e[1] == "done" for e in ch.events):  # finished before this server started
                 for i, o in enumerate(store.outputs(job_id)):
-                    yield ServerSentEvent(data={"kind": o["kind"], "url": f"/v1/outputs/{o['id']}"},
-                                          event="output", id=str(after + i + 1))
-                yield ServerSentEvent(data={"status": job["status"], "error": public(job["error"], srv.settings)},
-                                      event="done", id=str(after + 10_000))
+                    yield sse("output", {"kind": o["kind"], "url": f"/v1/outputs/{o['id']}"}, after + i + 1)
+                yield sse("done", {"status": job["status"], "error": public(job["error"], srv.settings)},
+                          after + 10_000)
                 return
         for seq, kind, data in backlog:
-            yield ServerSentEvent(data=data, event=kind, id=str(seq))
+            yield sse(kind, data, seq)
             if kind == "done":
                 return
         while True:
-            seq, kind, data = await q.get()
-            yield ServerSentEvent(data=data, event=kind, id=str(seq))
+            try:
+                seq, kind, data = await asyncio.wait_for(q.get(), ping_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                yield ": ping\n\n"
+                continue
+            yield sse(kind, data, seq)
             if kind == "done":
                 return
     finally:
@@ -187,11 +199,12 @@ def job_routes(kind: str) -> APIRouter:
         srv.broker.cancel(job["id"])
         return render(srv, srv.store.job(job["id"]), base(request))
 
-    @router.get(one + "/stream", response_class=EventSourceResponse, name=f"stream_{kind}",
-                description=STREAM_DOCS[kind])
+    @router.get(one + "/stream", response_class=Response, name=f"stream_{kind}", description=STREAM_DOCS[kind],
+                responses={200: {"description": "the job's events", "content": {"text/event-stream": {
+                    "schema": {"type": "string"}}}}})
     async def stream(job: Own, srv: Srv, last_event_id: Annotated[str | None, Header(max_length=20)] = None):
-        async for event in events(srv, job, last_event_id):
-            yield event
+        return StreamingResponse(events(srv, job, last_event_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return router
 

@@ -23,7 +23,8 @@ def models() -> list[dict]:
 
     cached = cached_repos()
     rows = []
-    for spec in CATALOG.values():
+    # FLUX.2, then FLUX.1, as the catalog lists them; the bundled demo last, on purpose: a toy, not a FLUX model
+    for spec in sorted(CATALOG.values(), key=lambda s: bool(s.bundled)):
         size = sum(spec.sizes_gb.values())
         have = cached.get(spec.repo)
         if spec.bundled:  # shipped inside the package

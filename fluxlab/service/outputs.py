@@ -58,8 +58,10 @@ def read_text_chunks(path: str | Path) -> dict:
     from ..spec.images import open_image
 
     im = open_image(path, "image")
-    try:
+    try:  # PNG text after the pixels is reached by reading through them: a truncated file fails here
         return dict(getattr(im, "text", {}) or {})
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UserError(f"{path} is damaged ({e}); its settings cannot be read") from None
     finally:
         im.close()
 

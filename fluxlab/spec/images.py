@@ -170,7 +170,9 @@ def decode_mask(info: ImageInfo, size: tuple[int, int], notify=None):
     """A mask as a greyscale PIL image (white = repaint), resized to `size` with a notice when it differs."""
     from PIL import Image
 
-    m = decode(info, None, "mask").convert("L")
+    m = decode(info, None, "mask").convert("L")  # a mask's mode is converted anyway: no notice for that
+    if info.frames > 1 and notify is not None:
+        notify(f"mask {Path(info.path).name} is animated ({info.frames} frames); using the first frame")
     if m.size != size:
         if notify is not None:
             notify(f"mask {Path(info.path).name} is {m.width}x{m.height}; resized to the image's {size[0]}x{size[1]}")

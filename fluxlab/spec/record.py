@@ -79,8 +79,8 @@ def _from_flat(meta: dict, source: str) -> dict:
     fields = ("prompt", "negative", "width", "height", "steps", "guidance", "seed", "sampler", "eta", "strength")
     request = {k: meta[k] for k in fields if meta.get(k) is not None}
     schedule = meta.get("schedule")
-    if isinstance(schedule, dict) and isinstance(schedule.get("name"), str):
-        request["schedule"] = schedule["name"]
+    if schedule is not None:  # {"name": ...} in this layout; whatever it holds is checked like the new layout's
+        request["schedule"] = schedule.get("name") if isinstance(schedule, dict) else schedule
     for row in meta.get("inputs") or []:
         if not isinstance(row, dict) or not {"role", "path", "sha256"} <= set(row):
             raise UserError(f"{source} has an unreadable inputs entry in its fluxlab metadata")
