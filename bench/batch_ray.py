@@ -42,8 +42,11 @@ def main() -> None:
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS[: a.prompts]) + "\n")
         plan = batch.make_plan(prompts, "demo", seeds=f"0-{a.seeds - 1}", steps=a.steps)
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; demo model, "
-              f"{a.prompts} prompts x {a.seeds} seeds, {a.steps} steps, 1 thread per worker")
+        from fluxlab.runtime.devices import cpu_summary
+
+        load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+        print(f"{cpu_summary() or platform.machine()}, {os.cpu_count()} CPUs, load average {load} at the start; "
+              f"demo model, {a.prompts} prompts x {a.seeds} seeds, {a.steps} steps, 1 thread per worker")
         runs = [("local", 1), ("ray", 1), ("ray", 2)]
         rates = {}
         for engine, workers in runs:

@@ -169,13 +169,39 @@ INTERNAL = ["http://169.254.169.254/latest/meta-data/iam", "http://127.0.0.1:9/h
             "http://user:pw@127.0.0.3/hook"]
 
 
+def numeric_only(host: str, port: int) -> list[str]:
+    """A resolver that never asks DNS: address literals in every form getaddrinfo reads (2130706433, 0x7f.1, ...),
+    and localhost; any other name does not resolve."""
+    if host == "localhost":
+        return ["127.0.0.1", "::1"]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    return [i[4][0] for i in infos]
+
+
+@pytest.fixture(scope="module")
+def refusing_api(tmp_path_factory):
+    """The API in this process with its queue never started: a job it wrongly accepted would never run, so no
+    webhook could leave even if the check under test were broken."""
+    from fastapi.testclient import TestClient
+
+    from fluxlab.serve.app import create_app
+    from fluxlab.serve.settings import Settings
+    from fluxlab.serve.store import Store
+
+    data = tmp_path_factory.mktemp("refusing")
+    token = Store(data).create_token("alice")
+    app = create_app(Settings(data=data, resolve=numeric_only))
+    client = TestClient(app, headers={"Authorization": f"Bearer {token}"})  # no `with`: no lifespan, no worker
+    yield client, app.state.server.store
+    app.state.server.broker.webhooks.close()
+
+
 @pytest.mark.parametrize("url", INTERNAL)
-def test_webhooks_to_internal_addresses_are_refused_at_create(server, tenants, url):
-    before = snapshot(server)
-    r = tenants["alice"].post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT},
-                                                       "webhook": url})
+def test_webhooks_to_internal_addresses_are_refused_at_create(refusing_api, url):
+    client, store = refusing_api
+    r = client.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT}, "webhook": url})
     assert r.status_code == 422 and r.json()["detail"].startswith("webhook"), r.text
-    assert snapshot(server) == before
+    assert store.pending_count() == 0
 
 
 class Receiver:
@@ -580,3 +606,20 @@ def test_a_full_disk_is_507_and_recovers(tmp_path):
         if s is not None:
             s.stop()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_client_leaving_a_stream_leaves_no_traceback(server, tenants):
+    admin = tenants["admin"]
+    admin.post("/v1/queue/pause")
+    try:
+        job = admin.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "steps": 1}}).json()
+        for _ in range(3):  # connect, read the first event, go away
+            with admin.stream("GET", job["urls"]["stream"]) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                assert next(r.iter_lines()).startswith("id: 0")
+        time.sleep(1.0)
+    finally:
+        admin.post("/v1/queue/resume")
+    wait(admin, job["urls"]["get"])
+    log = (server.data / "server.log").read_text()
+    assert "Traceback" not in log and "BrokenResourceError" not in log, log[-2000:]

@@ -81,7 +81,10 @@ def _from_flat(meta: dict, source: str) -> dict:
     schedule = meta.get("schedule")
     if schedule is not None:  # {"name": ...} in this layout; whatever it holds is checked like the new layout's
         request["schedule"] = schedule.get("name") if isinstance(schedule, dict) else schedule
-    for row in meta.get("inputs") or []:
+    inputs = meta.get("inputs") or []
+    if not isinstance(inputs, list):
+        raise UserError(f"{source} has fluxlab metadata whose 'inputs' is not a list")
+    for row in inputs:
         if not isinstance(row, dict) or not {"role", "path", "sha256"} <= set(row):
             raise UserError(f"{source} has an unreadable inputs entry in its fluxlab metadata")
         ref = {"path": row["path"], "sha256": row["sha256"]}
