@@ -140,12 +140,12 @@ def run_ray(plan: BatchPlan, out: Path, items: list[Item], on_row: Callable, wor
         import ray
     except ImportError:
         raise UserError("--engine ray needs Ray: pip install 'fluxlab[ray]'") from None
+    verbose = os.environ.get("FLUXLAB_VERBOSE") == "1"
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # fluxlab shows one progress bar of its own
+    if not verbose:
+        quiet_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     for quiet in ("print_on_execution_start", "verbose_stats_logs"):  # Ray Data's own notes (newer versions)
@@ -160,8 +160,18 @@ def run_ray(plan: BatchPlan, out: Path, items: list[Item], on_row: Callable, wor
         RayWorker, fn_constructor_kwargs={"out": str(out)}, batch_size=size,
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None, batch_format="numpy")
+    if not verbose:
+        quiet_ray()  # again: Ray Data sets its loggers up as the dataset is built
     for row in ds.iter_rows():
         on_row({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+
+
+def quiet_ray() -> None:
+    """fluxlab shows one progress bar of its own: Ray's and Ray Data's notes and INFO lines only with --verbose."""
+    import logging
+
+    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _ray_installed() -> str:

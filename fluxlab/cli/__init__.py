@@ -57,12 +57,15 @@ def escape(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry: one line and exit 2 for user errors, 130 on Ctrl-C, never a traceback for those."""
+    import os
+
     from ..runtime.loading import quiet_logging
     from ..service.events import Cancelled
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--verbose" in args:  # every library's own warnings and logs too
+    if "--verbose" in args:  # every library's own warnings and logs too (FLUXLAB_VERBOSE tells Ray's engine)
         args.remove("--verbose")
+        os.environ["FLUXLAB_VERBOSE"] = "1"
     else:
         quiet_logging()
     argv = args
