@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -199,19 +198,18 @@ def _cli(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=120)
 
 
-def test_help_is_fast_and_imports_no_torch():
-    code = "import sys, fluxlab.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL", "safetensors", "accelerate", "fastapi", "uvicorn")
+
+
+def test_help_is_fast_because_it_imports_nothing_heavy():
+    """What makes --help instant is what it does not import; asserted by module name, not by a time, which a busy
+    or slower CPU would make flaky (it takes ~0.5 s on a 2-core AVX2 EPYC, ~0.3 s on an AMX Xeon)."""
+    code = ("import sys, contextlib, io\nfrom fluxlab.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):"
+            f"\n    main(['--help'])\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.stdout.strip() == "False False"
-    best = min(_timed_help() for _ in range(3))
-    assert best < 0.5, f"fluxlab --help took {best:.2f}s"
-
-
-def _timed_help() -> float:
-    t0 = time.perf_counter()
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
     r = _cli("--help")
     assert r.returncode == 0 and "generate" in r.stdout
-    return time.perf_counter() - t0
 
 
 def test_console_script_reports_user_error_without_traceback(tmp_path):
