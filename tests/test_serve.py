@@ -79,8 +79,9 @@ def test_models_stay_loaded(api):
     first = predict(api, model="tiny", prompt="a cat", width=64, height=64, seed=1)
     second = predict(api, model="tiny", prompt="a dog", width=64, height=64, seed=2)
     assert first["status"] == second["status"] == "succeeded"
-    # The tiny model loads in a few hundredths of a second; loaded, it takes none.
-    assert first["metrics"]["load_time"] > 0.005 and second["metrics"]["load_time"] < 0.002
+    # The tiny model loads in a few hundredths of a second; loaded, it takes next to none (a ratio within one run, so
+    # that a busy machine slows both alike).
+    assert first["metrics"]["load_time"] > 0.005 and second["metrics"]["load_time"] < first["metrics"]["load_time"] / 5
     models = {m["name"]: m for m in api.get("/v1/models").json()["models"]}
     assert models["tiny"]["loaded"] and models["demo"]["loaded"]
 

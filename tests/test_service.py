@@ -116,7 +116,8 @@ def test_pool_switches_loras_without_reloading_and_matches_a_fresh_load(tiny_dir
     c = job()
     a_again = job(("one.safetensors", 0.8))
     assert pool.loads == 1  # the base loaded once for four jobs with different LoRAs
-    assert started[0].load_seconds > 0 and all(s.load_seconds < 0.01 for s in started[1:])
+    # loaded once: the later jobs' load time is a small part of the first's (a ratio, which load does not change)
+    assert started[0].load_seconds > 0 and all(s.load_seconds < started[0].load_seconds / 5 for s in started[1:])
     for latents, loras in ((a, [f"{tmp_path / 'one.safetensors'}:0.8"]),
                            (b, [f"{tmp_path / 'two.safetensors'}:0.5", f"{tmp_path / 'one.safetensors'}:0.2"]),
                            (c, [])):
