@@ -45,13 +45,19 @@ class Caller:
         return self.role == "admin"
 
 
+def bearer_owner(srv: Server, authorization: str | None) -> str | None:
+    """The owner of an `Authorization: Bearer <token>` header's active token, or None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return srv.store.owner_of(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+
+
 def caller(request: Request, srv: Srv, authorization: Annotated[str | None, Header()] = None) -> Caller:
     """The token's owner: from `Authorization: Bearer`, or from the page's session cookie, in which case a request
     that changes anything must come from this server's own pages (its Origin). A wrong credential counts against
     the client's address (429 past the throttle)."""
-    scheme, _, token = (authorization or "").partition(" ")
-    presented = bool(token.strip()) or (authorization is None and bool(request.cookies.get(SESSION_COOKIE)))
-    name = srv.store.owner_of(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    token = (authorization or "").partition(" ")[2].strip()
+    presented = bool(token) or (authorization is None and bool(request.cookies.get(SESSION_COOKIE)))
+    name = bearer_owner(srv, authorization)
     if name is None and authorization is None and request.cookies.get(SESSION_COOKIE):
         name = srv.store.session_owner(request.cookies[SESSION_COOKIE])
         if name is not None and request.method not in ("GET", "HEAD", "OPTIONS"):

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 
 from ... import __version__
-from ..deps import Admin, Owner, Srv, Who, base
+from ..deps import Admin, Owner, Srv, Who, base, bearer_owner
 from ..jobs import render
 from ..schemas import ERRORS
 
@@ -65,8 +65,7 @@ async def get_health(srv: Srv, request: Request, authorization: Annotated[str | 
     memory and job, and the queue. Run on the event loop, not the thread pool: under a burst of submissions it
     answers without waiting its turn behind them (a WAL read never blocks)."""
     ready = {"status": "ok", "ready": srv.broker.ready}
-    scheme, _, token = (authorization or "").partition(" ")
-    name = srv.store.owner_of(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    name = bearer_owner(srv, authorization)
     if name is None or srv.store.role(name) != "admin":
         return ready
     return {**ready, "version": __version__, "worker": srv.broker.worker_info(), "pending": srv.store.pending_count(),
