@@ -111,7 +111,8 @@ def _derive_spec(path: Path, name: str | None = None) -> ModelSpec:
         for comp in ("transformer", "text_encoder", "text_encoder_2", "vae")
         if (path / comp).is_dir()
     }
-    common = dict(name=name, repo=str(path), license="see the model's files", gated=False, sizes_gb=sizes)
+    common = dict(name=name, ref=f"fluxlab/{name}", repo=str(path), license="see the model's files", gated=False,
+                  sizes_gb=sizes)
     if cls in FLUX2_PIPELINES:
         if cls == "Flux2Pipeline":
             mode, steps, guidance, enc = "embedded", 50, 4.0, "Mistral3"

@@ -31,7 +31,7 @@ def models() -> list[dict]:
             folder = bundled_path(spec)
             have = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         rows.append({
-            "name": spec.name, "repo": spec.repo, "family": spec.family, "steps": spec.steps,
+            "name": spec.name, "ref": spec.ref, "repo": spec.repo, "family": spec.family, "steps": spec.steps,
             "guidance": spec.guidance, "guidance_mode": spec.guidance_mode, "text_encoder": spec.text_encoder,
             "license": spec.license, "gated": spec.gated, "size_gb": round(size, 3), "bundled": bool(spec.bundled),
             "cached_gb": None if have is None else round(have / 1e9, 3),

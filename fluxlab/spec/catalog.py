@@ -19,6 +19,9 @@ GuidanceMode = Literal["none", "embedded", "cfg"]
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
+    # The model's owner/name as Replicate's API and clients write it (black-forest-labs/flux-schnell): the name a
+    # Replicate-shaped request may use for it on `fluxlab serve`.
+    ref: str
     repo: str
     family: Family
     description: str
@@ -61,6 +64,7 @@ CATALOG: dict[str, ModelSpec] = {
     for m in [
         ModelSpec(
             name="flux2-klein-4b",
+            ref="black-forest-labs/flux-2-klein-4b",
             repo="black-forest-labs/FLUX.2-klein-4B",
             family="flux2",
             description="FLUX.2 [klein] 4B, step-distilled: 4 steps, no guidance",
@@ -71,6 +75,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux2-klein-9b",
+            ref="black-forest-labs/flux-2-klein-9b",
             repo="black-forest-labs/FLUX.2-klein-9B",
             family="flux2",
             description="FLUX.2 [klein] 9B, step-distilled: 4 steps, no guidance",
@@ -81,6 +86,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux2-klein-base-4b",
+            ref="black-forest-labs/flux-2-klein-base-4b",
             repo="black-forest-labs/FLUX.2-klein-base-4B",
             family="flux2",
             description="FLUX.2 [klein] base 4B: 50 steps, real CFG 4.0 with a negative prompt; for fine-tuning",
@@ -91,6 +97,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux2-klein-base-9b",
+            ref="black-forest-labs/flux-2-klein-base-9b",
             repo="black-forest-labs/FLUX.2-klein-base-9B",
             family="flux2",
             description="FLUX.2 [klein] base 9B: 50 steps, real CFG 4.0 with a negative prompt; for fine-tuning",
@@ -101,6 +108,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux2-klein-9b-kv",
+            ref="black-forest-labs/flux-2-klein-9b-kv",
             repo="black-forest-labs/FLUX.2-klein-9b-kv",
             family="flux2",
             description="FLUX.2 [klein] 9B with cached reference K/V: faster multi-reference editing, 4 steps",
@@ -111,6 +119,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux2-dev",
+            ref="black-forest-labs/flux-2-dev",
             repo="black-forest-labs/FLUX.2-dev",
             family="flux2",
             description="FLUX.2 [dev] 32B: 50 steps, embedded guidance 4.0, Mistral Small 3.2 encoder",
@@ -121,6 +130,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux1-schnell",
+            ref="black-forest-labs/flux-schnell",
             repo="black-forest-labs/FLUX.1-schnell",
             family="flux1",
             description="FLUX.1 [schnell] 12B, timestep-distilled: 4 steps, no guidance",
@@ -131,6 +141,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux1-dev",
+            ref="black-forest-labs/flux-dev",
             repo="black-forest-labs/FLUX.1-dev",
             family="flux1",
             # 28 steps: the diffusers FluxPipeline default and the common practice for dev; BFL's CLI uses 50,
@@ -144,6 +155,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux1-fill-dev",
+            ref="black-forest-labs/flux-fill-dev",
             repo="black-forest-labs/FLUX.1-Fill-dev",
             family="flux1",
             description="FLUX.1 Fill [dev]: inpainting and outpainting (--init, --mask), 50 steps, guidance 30",
@@ -155,6 +167,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="demo",
+            ref="fluxlab/demo",
             repo="",
             family="flux2",
             description="bundled 64x64 shapes model (klein architecture, trained by fluxlab): offline, CPU, < 1 s",
@@ -166,6 +179,7 @@ CATALOG: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="flux1-kontext-dev",
+            ref="black-forest-labs/flux-kontext-dev",
             repo="black-forest-labs/FLUX.1-Kontext-dev",
             family="flux1",
             # BFL's Kontext CLI defaults: 30 steps were tuned for it; 28 is diffusers' default and indistinguishable.
