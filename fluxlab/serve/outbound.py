@@ -1,4 +1,5 @@
-"""Where the server may send requests (webhooks): never to its own machine or network unless the operator says so.
+"""Where the server may send requests (webhooks, input URLs it fetches): never to its own machine or network unless
+the operator says so.
 
 A URL's host is resolved and every address it resolves to is checked, since the string tells nothing
 (`2130706433`, `0x7f.1`, `127.1` and `[::ffff:127.0.0.1]` are all loopback). Refused by default: loopback,
@@ -88,11 +89,34 @@ def check(url: str, policy: Policy, field: str = "webhook", resolve=system_resol
     named = host.lower() in policy.hosts
     for addr in addresses:
         if internal(addr) and not named and not policy.allows(addr):
-            raise UserError(f"{field}: {host!r} resolves to {addr}, an internal address; webhooks go to public "
-                            f"addresses unless the server is started with --webhook-allow")
+            raise UserError(f"{field}: {host!r} resolves to {addr}, an internal address; the server sends requests "
+                            f"(webhooks, input URLs) to public addresses only unless started with --webhook-allow")
     addr = addresses[0]
     netloc = f"[{addr}]" if addr.version == 6 else str(addr)
     netloc += f":{parts.port}" if parts.port else ""
     pinned = parts._replace(netloc=netloc).geturl()
     host_header = parts.netloc.rpartition("@")[2]
     return Target(pinned, host_header, host if parts.scheme == "https" else None)
+
+
+def download(url: str, policy: Policy, field: str, out, limit: int, resolve=system_resolve) -> str:
+    """GET a checked URL into the open binary file `out`, at most `limit` bytes, no redirects; its file name.
+    A refused address, an error status or a body over the limit is a UserError naming `field`."""
+    import httpx
+
+    target = check(url, policy, field, resolve)
+    size = 0
+    try:
+        with httpx.Client(timeout=httpx.Timeout(60, connect=10), follow_redirects=False, trust_env=False) as client, \
+                client.stream("GET", target.url, headers={"Host": target.host},
+                              extensions={"sni_hostname": target.sni} if target.sni else {}) as r:
+            if r.status_code != 200:
+                raise UserError(f"{field}: GET {url[:100]} answered {r.status_code}, not 200 with the file")
+            for chunk in r.iter_bytes(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise UserError(f"{field}: {url[:100]} is over the {limit // 2**20} MB limit")
+                out.write(chunk)
+    except httpx.HTTPError as e:
+        raise UserError(f"{field}: GET {url[:100]} failed ({type(e).__name__})") from None
+    return urlsplit(url).path.rstrip("/").rpartition("/")[2] or "download"

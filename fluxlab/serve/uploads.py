@@ -65,8 +65,9 @@ def check_zip(target: Path, name: str) -> None:
         raise UserError(f"{name} is damaged (member {bad!r} fails its CRC)")
 
 
-def save_upload(store: Store, settings: Settings, upload, who: str) -> dict:
-    """Stream an upload to disk within its kind's limit, check it, keep it under its id."""
+def save_upload(store: Store, settings: Settings, upload, who: str, metadata: dict | None = None) -> dict:
+    """Stream an upload (anything with `.filename` and a binary `.file`) to disk within its kind's limit, check it,
+    keep it under its id."""
     from ..files import safe_name
 
     name = Path(upload.filename or "upload").name
@@ -93,6 +94,13 @@ def save_upload(store: Store, settings: Settings, upload, who: str) -> dict:
                 out.write(chunk)
         if kind is None:
             raise ApiError(422, f"{name} is empty")
+        suffix = {"zip": (".zip",), "image": (".png", ".jpg", ".jpeg", ".webp")}.get(kind)
+        if suffix and not name.lower().endswith(suffix):  # what is used by its name (a dataset) needs the right one
+            with open(target, "rb") as f:
+                head = f.read(4)
+            ext = ".zip" if kind == "zip" else ".png" if head == b"\x89PNG" else ".webp" if head == b"RIFF" else ".jpg"
+            name = Path(name).stem + ext
+            target = target.rename(tmp / name)
         if kind == "image":
             from ..spec.images import inspect
 
@@ -108,7 +116,7 @@ def save_upload(store: Store, settings: Settings, upload, who: str) -> dict:
         file_id_dir = settings.data / "files" / new_id()
         file_id_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(file_id_dir)
-        return store.add_file(who, name, size, digest.hexdigest(), kind, str(file_id_dir / name))
+        return store.add_file(who, name, size, digest.hexdigest(), kind, str(file_id_dir / name), metadata)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
