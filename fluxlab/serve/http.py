@@ -18,6 +18,13 @@ from fastapi.responses import JSONResponse
 from ..errors import UserError
 
 
+def iso(t: float | None) -> str | None:
+    """A time as the API shows it: ISO 8601 in UTC with a Z."""
+    import datetime as dt
+
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, detail: str, headers: dict | None = None):
         self.status, self.detail, self.headers = status, detail, headers or {}

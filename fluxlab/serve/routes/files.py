@@ -5,12 +5,11 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 
-from ..deps import Owner, Srv, base
-from ..http import ApiError, public
-from ..jobs import iso
+from ..deps import Owner, Srv, base, caller
+from ..http import ApiError, iso, public
 from ..schemas import ERRORS, FileInfo
 from ..uploads import save_upload
 
@@ -18,24 +17,55 @@ files = APIRouter(prefix="/v1/files", tags=["files"], responses=ERRORS)
 outputs = APIRouter(prefix="/v1/outputs", tags=["outputs"], responses=ERRORS)
 
 
-def file_info(f: dict) -> dict:
+CONTENT_TYPES = {"image": "image/png", "zip": "application/zip", "lora": "application/octet-stream"}
+
+
+def file_info(f: dict, base: str) -> dict:
+    """fluxlab's fields and Replicate's (content_type, size, checksums, urls.get: what its clients read)."""
+    suffix = Path(f["name"]).suffix.lower()
+    content_type = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(suffix) \
+        if f["kind"] == "image" else None
     return {"id": f["id"], "name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"], "kind": f["kind"],
-            "created_at": iso(f["created_at"])}
+            "created_at": iso(f["created_at"]), "content_type": content_type or CONTENT_TYPES[f["kind"]],
+            "size": f["bytes"], "etag": f["sha256"][:32], "checksums": {"sha256": f["sha256"]},
+            "metadata": f.get("metadata") or {}, "expires_at": None, "urls": {"get": f"{base}/v1/files/{f['id']}"}}
 
 
 @files.post("", status_code=201, response_model=FileInfo)
-def upload(file: Annotated[UploadFile, File(description="An image (PNG, JPEG, WebP), a zip or a LoRA")], who: Owner,
-           srv: Srv):
+def upload(who: Owner, srv: Srv, request: Request,
+           file: Annotated[UploadFile | None, File(description="An image (PNG, JPEG, WebP), a zip or a LoRA")] = None,
+           content: Annotated[UploadFile | None, File(description="The same, under Replicate's field name")] = None,
+           metadata: Annotated[UploadFile | str | None, Form(description="A JSON object kept with it (a field or "
+                                                                         "a part, as Replicate's clients send it)")]
+           = None):
     """Upload an input: an image (references, init, mask), a zip of training images, or a LoRA .safetensors."""
-    return file_info(save_upload(srv.store, srv.settings, file, who))
+    if (file is None) == (content is None):
+        raise ApiError(422, "give the upload as one multipart field, `file` (or `content`)")
+    meta = {}
+    if not isinstance(metadata, str | None):
+        metadata = metadata.file.read(10_001).decode("utf-8", "replace")
+    if metadata:
+        try:
+            meta = json.loads(metadata) if len(metadata) <= 10_000 else None
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise ApiError(422, "metadata: give a JSON object")
+    return file_info(save_upload(srv.store, srv.settings, file or content, who, meta), base(request))
+
+
+@files.get("", response_model=dict)
+def list_files(who: Owner, srv: Srv, request: Request) -> dict:
+    """This token's uploads, newest first."""
+    return {"results": [file_info(f, base(request)) for f in srv.store.files(who)], "next": None, "previous": None}
 
 
 @files.get("/{file_id}", response_model=FileInfo)
-def get_file(file_id: str, who: Owner, srv: Srv):
+def get_file(file_id: str, who: Owner, srv: Srv, request: Request):
     f = srv.store.file(file_id, who)
     if f is None:
         raise ApiError(404, f"no file {file_id!r}")
-    return file_info(f)
+    return file_info(f, base(request))
 
 
 @outputs.get("")
@@ -75,9 +105,18 @@ def delete_output(output_id: str, who: Owner, srv: Srv) -> dict:
 
 
 @outputs.get("/{output_id}", response_class=Response, responses={200: {"content": {
-    "image/png": {}, "image/jpeg": {}, "application/octet-stream": {}, "text/csv": {}}}})
-def get_output(output_id: str, who: Owner, srv: Srv, thumb: Annotated[int | None, Query(ge=16, le=1024)] = None):
-    """An output: a PNG with fluxlab's metadata (`?thumb=256`: a JPEG thumbnail), or a LoRA file."""
+    "image/png": {}, "image/webp": {}, "image/jpeg": {}, "application/octet-stream": {}, "text/csv": {}}}})
+def get_output(output_id: str, srv: Srv, request: Request,
+               thumb: Annotated[int | None, Query(ge=16, le=1024)] = None,
+               expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+               sig: Annotated[str | None, Query(max_length=64)] = None,
+               authorization: Annotated[str | None, Header()] = None):
+    """An output: the image in the format its request asked (PNG with fluxlab's record by default; `?thumb=256`:
+    a JPEG thumbnail), a LoRA file or a CSV. Readable with the owner's token, or through the signed URL a job
+    gives (`expires` and `sig`)."""
+    from ..signing import valid
+
+    who = None if valid(srv.store, output_id, expires, sig) else caller(request, srv, authorization).name
     o = srv.store.output(output_id, who)
     if o is None or not Path(o["path"]).is_file():
         raise ApiError(404, f"no output {output_id!r}")
@@ -93,7 +132,28 @@ def get_output(output_id: str, who: Owner, srv: Srv, thumb: Annotated[int | None
             buf = io.BytesIO()
             im.convert("RGB").save(buf, format="JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg")
-    return Response(public_png(Path(o["path"]).read_bytes(), srv.settings), media_type="image/png")
+    data = public_png(Path(o["path"]).read_bytes(), srv.settings)
+    job = srv.store.job(o["job_id"]) if o["kind"] == "image" else None
+    fmt = (job["plan"].get("output") or {}) if job else {}
+    if fmt.get("format") in ("webp", "jpg"):
+        return Response(encode(data, fmt["format"], fmt["quality"]),
+                        media_type="image/webp" if fmt["format"] == "webp" else "image/jpeg")
+    return Response(data, media_type="image/png")
+
+
+def encode(png: bytes, fmt: str, quality: int) -> bytes:
+    """A PNG output as WebP or JPEG at `quality`, its fluxlab record (already free of server paths) in the EXIF
+    ImageDescription, as ASCII JSON."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        record = im.text.get("fluxlab") if hasattr(im, "text") else None
+        exif = Image.Exif()
+        if record:
+            exif[0x010E] = json.dumps({"fluxlab": json.loads(record)}, ensure_ascii=True)
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="WEBP" if fmt == "webp" else "JPEG", quality=quality, exif=exif.tobytes())
+    return buf.getvalue()
 
 
 def public_png(data: bytes, settings) -> bytes:
