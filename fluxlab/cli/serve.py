@@ -105,6 +105,9 @@ def serve(
                                                    "addresses only).")] = None,
     allowed_host: Annotated[list[str] | None, Opt("--allowed-host", help="A Host header to answer (repeatable; "
                                                   "default: the bind address and localhost).")] = None,
+    tls_cert: Annotated[str | None, Opt("--tls-cert", help="Serve HTTPS with this certificate (PEM; with "
+                                                           "--tls-key).")] = None,
+    tls_key: Annotated[str | None, Opt("--tls-key", help="The certificate's private key (PEM).")] = None,
 ):
     """Serve the HTTP API: predictions, trainings, files, the queue and Server-Sent Events, models kept loaded."""
     import os
@@ -125,6 +128,11 @@ def serve(
             raise UserError(f"--model {item!r}: give NAME=DIR with DIR a local diffusers folder")
         models[safe_name(name, "--model name")] = str(Path(folder).resolve())
     policy = Policy.parse(webhook_allow)
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together: give both (PEM files) or neither")
+    for option, f in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if f is not None and not Path(f).is_file():
+            raise UserError(f"{option} {f}: no such file (a PEM certificate or key)")
     resolve_device(device)
     check_bind(host, port)
     from ..serve.store import exists
@@ -145,12 +153,14 @@ def serve(
     settings = Settings(data=store.data, models=models, runtime={"device": device}, max_models=max_models,
                         webhook_policy=policy, allowed_hosts=allowed(host, allowed_host))
     site = create_site(settings)
-    out.print(escape(f"fluxlab serving on http://{host}:{port} (data: {store.data}): the page at /, the API at "
+    scheme = "https" if tls_cert else "http"
+    out.print(escape(f"fluxlab serving on {scheme}://{host}:{port} (data: {store.data}): the page at /, the API at "
                      f"/v1, its docs at /docs"))
     # Connections: idle keep-alive closed after 5 s, headers over 64 KB refused, at most 1000 at once (uvicorn
     # has no header-read timeout: facing the internet, put a proxy in front; see the README).
     uvicorn.run(site, host=host, port=port, log_level="warning", timeout_keep_alive=5,
-                h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1000)
+                h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1000, ssl_certfile=tls_cert,
+                ssl_keyfile=tls_key)
 
 
 @token_app.command("create")
