@@ -19,8 +19,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def demo_zip(path: Path) -> Path:
+    """Six ring images of the demo's LoRA proof with their captions, zipped (a training set)."""
+    import io
+    import zipfile
+
+    from fluxlab.demo.data import render
+    from fluxlab.demo.lora import captions, ring_scenes
+
+    with zipfile.ZipFile(path, "w") as z:
+        for i, scene in enumerate(ring_scenes(6, 0)):
+            buf = io.BytesIO()
+            render(scene, seed=i).save(buf, format="PNG")
+            z.writestr(f"ring_{i}.png", buf.getvalue())
+            z.writestr(f"ring_{i}.txt", captions(scene)[0])
+    return path
+
+
+def tls_pair(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (openssl), for a server on https."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
 class Server:
-    def __init__(self, data: Path, models: dict | None = None, env: dict | None = None, args: tuple = ()):
+    def __init__(self, data: Path, models: dict | None = None, env: dict | None = None, args: tuple = (),
+                 tls: tuple[Path, Path] | None = None):
         from fluxlab.serve.store import Store
 
         self.data = Path(data)
@@ -29,7 +56,13 @@ class Server:
         self.env = env or {}
         self.args = list(args)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify = True
+        if tls:
+            import ssl
+
+            self.args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+            self.verify = ssl.create_default_context(cafile=str(tls[0]))
         self.proc = None
 
     def start(self, timeout: float = 90) -> Server:
@@ -46,7 +79,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {(self.data / 'server.log').read_text()[-2000:]}")
             try:
-                h = httpx.get(self.url + "/v1/health", timeout=2).json()
+                h = httpx.get(self.url + "/v1/health", timeout=2, verify=self.verify).json()
                 if h["ready"]:
                     return self
             except (httpx.HTTPError, ValueError, KeyError):
@@ -62,7 +95,7 @@ class Server:
     def client(self, token: str | None = "default") -> httpx.Client:
         token = self.token if token == "default" else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120, verify=self.verify)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

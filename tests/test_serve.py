@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import run
 from PIL import Image
-from serving import Server
+from serving import Server, demo_zip
 
 PROMPT = "a red circle in the center on a white background"
 
@@ -85,19 +84,6 @@ def test_models_stay_loaded(api):
     assert second["metrics"]["load_time"] < first["metrics"]["load_time"] / 5, (first["metrics"], second["metrics"])
     models = {m["name"]: m for m in api.get("/v1/models").json()["models"]}
     assert models["tiny"]["loaded"] and models["demo"]["loaded"]
-
-
-def demo_zip(path: Path) -> Path:
-    from fluxlab.demo.data import render
-    from fluxlab.demo.lora import captions, ring_scenes
-
-    with zipfile.ZipFile(path, "w") as z:
-        for i, scene in enumerate(ring_scenes(6, 0)):
-            buf = io.BytesIO()
-            render(scene, seed=i).save(buf, format="PNG")
-            z.writestr(f"ring_{i}.png", buf.getvalue())
-            z.writestr(f"ring_{i}.txt", captions(scene)[0])
-    return path
 
 
 def upload(api, path: Path) -> dict:

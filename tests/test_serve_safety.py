@@ -58,9 +58,10 @@ def wait(api, path: str, timeout: float = 300) -> dict:
     raise TimeoutError(path)
 
 
-def train(api, zip_id: str, name: str) -> dict:
+def train(api, zip_id: str, name: str, destination: str | None = None) -> dict:
     r = api.post("/v1/trainings", json={"model": "demo", "input": {"input_images": zip_id, "trigger_word": "zxq",
-                                                                   "steps": 2, "name": name}})
+                                                                   "steps": 2, "name": name},
+                                        **({"destination": destination} if destination else {})})
     assert r.status_code == 201, r.text
     return wait(api, f"/v1/trainings/{r.json()['id']}")
 
@@ -79,7 +80,8 @@ def test_no_owner_reaches_another(server, tenants, tmp_path):
     and names and gets 404 (403 where only an admin may go); nothing of alice's changes."""
     alice, bob = tenants["alice"], tenants["bob"]
     zip_a = upload(alice, demo_zip(tmp_path / "a.zip"))
-    trained = train(alice, zip_a["id"], "style-x")
+    assert alice.post("/v1/models", json={"owner": "alice", "name": "mine"}).status_code == 201
+    trained = train(alice, zip_a["id"], "style-x", "alice/mine")
     assert trained["status"] == "succeeded", trained
     lora_a = {lo["name"]: lo for lo in alice.get("/v1/models").json()["loras"]}["style-x"]
     zip_b = upload(bob, demo_zip(tmp_path / "b.zip"))
@@ -97,6 +99,7 @@ def test_no_owner_reaches_another(server, tenants, tmp_path):
     ids = {k: v["id"] for k, v in ids.items()}
     ids["file_id"] = zip_a["id"]
     ids["output_id"] = alice.get("/v1/outputs").json()["results"][0]["id"]
+    ids |= {"owner": "alice", "name": "mine", "version_id": trained["output"]["version"].partition(":")[2]}
     before = owned_rows(server, "alice")
     schema = httpx.get(server.url + "/openapi.json").json()
     walked = 0
@@ -592,10 +595,9 @@ def test_a_full_disk_is_507_and_recovers(tmp_path):
         s.start()
         with s.client() as api:
             filler = mnt / "filler"
-            with open(filler, "wb") as f, pytest.raises(OSError):
+            with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):  # unbuffered: close flushes nothing
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
             img = io.BytesIO()
             Image.new("RGB", (64, 64)).save(img, format="PNG")
             answers = [api.post("/v1/files", files={"file": ("a.png", img.getvalue())}),

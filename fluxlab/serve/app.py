@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     for kind in KINDS:
         app.include_router(job_routes(kind))
-    for router in (files.files, files.outputs, models.router, queue.queue, queue.webhooks, queue.health):
+    for router in (files.files, files.outputs, models.router, models.account, queue.queue, queue.webhooks,
+                   queue.health):
         app.include_router(router)
     mount_docs(app)
     return app

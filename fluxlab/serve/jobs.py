@@ -2,7 +2,6 @@
 job (idempotent by id, within the queue limits, webhooks checked), `Prefer: wait`, and the get, list, cancel and
 stream routes of `/v1/{predictions,trainings,batches,grids}`."""
 
-import datetime as dt
 import json
 from collections.abc import Callable
 from typing import Annotated
@@ -13,34 +12,42 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..errors import UserError
 from . import outbound
 from .deps import KINDS, Owner, Server, Srv, Who, base, check_limits, own_job
-from .http import ApiError, public
+from .http import ApiError, iso, public
 from .schemas import ERRORS, Cursor, Job, Page
 from .store import TERMINAL, LimitReached
 
 
-def iso(t: float | None) -> str | None:
-    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
-
-
 def render(srv: Server, job: dict, base: str = "") -> dict:
-    store, broker = srv.store, srv.broker
+    from .signing import output_url
+
+    store, broker, plan = srv.store, srv.broker, job["plan"]
     path = f"{base}/v1/{KINDS[job['kind']]}/{job['id']}"
+
+    def urls(kind: str) -> list[str]:
+        return [output_url(store, base, o["id"]) for o in store.outputs(job["id"], kind)]
+
     if job["kind"] in ("prediction", "batch"):
-        output = [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], "image")] or None
+        output = urls("image") or None
     elif job["kind"] == "grid":
-        output = {kind: [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], kind)]
-                  for kind in ("cell", "sheet", "csv")}
+        output = {kind: urls(kind) for kind in ("cell", "sheet", "csv")}
     else:
         loras = store.outputs(job["id"], "lora")
-        output = {"samples": [f"{base}/v1/outputs/{o['id']}" for o in store.outputs(job["id"], "sample")]}
+        output = {"samples": urls("sample")}
         if loras:
-            output |= {"weights": f"{base}/v1/outputs/{loras[0]['id']}",
-                       "lora": job["plan"].get("lora_name") or job["id"]}
-    obj = {"id": job["id"], "model": job["model"], "input": job["input"], "status": job["status"],
-           "created_at": iso(job["created_at"]), "started_at": iso(job["started_at"]),
-           "completed_at": iso(job["completed_at"]), "output": output,
-           "error": public(job["error"], srv.settings), "metrics": job["metrics"],
+            output |= {"weights": output_url(store, base, loras[0]["id"]), "lora": plan.get("lora_name") or job["id"]}
+            if plan.get("destination"):
+                lora = store.lora(output["lora"], job["owner"])
+                if lora is not None:
+                    from .refs import trained_id
+
+                    output["version"] = f"{plan['destination']}:{trained_id(plan['base_version'], lora['sha256'])}"
+    obj = {"id": job["id"], "model": job["model"], "version": plan.get("version", ""), "input": job["input"],
+           "status": job["status"], "created_at": iso(job["created_at"]), "started_at": iso(job["started_at"]),
+           "completed_at": iso(job["completed_at"]), "output": output, "error": public(job["error"], srv.settings),
+           "metrics": job["metrics"], "logs": public("\n".join(plan.get("notes", [])), srv.settings),
            "urls": {"get": path, "cancel": f"{path}/cancel", "stream": f"{path}/stream"}}
+    if plan.get("destination"):
+        obj["destination"] = plan["destination"]
     if job["status"] == "starting":
         obj["queue_position"] = store.position(job)
     if broker is not None and job["id"] in broker.progress:
@@ -80,7 +87,7 @@ def create(srv: Server, kind: str, body, who, job_id: str, plan_of: Callable, re
         if key in type(body).model_fields and getattr(body, key) is not None:
             given[key] = getattr(body, key)
     try:
-        job = store.add_job(job_id, kind, who.name, body.model, given, plan, body.webhook,
+        job = store.add_job(job_id, kind, who.name, plan.get("ref") or body.model, given, plan, body.webhook,
                             body.webhook_events_filter, body.priority,
                             limits=(srv.settings.max_pending_per_token, srv.settings.max_pending))
     except LimitReached as e:
@@ -104,8 +111,12 @@ async def submit(srv: Server, kind: str, body, who, job_id: str, plan_of: Callab
         job_id = json.loads(response.body)["id"]
         await srv.broker.wait(job_id, wait)
         location = {"Location": response.headers["location"]} if "location" in response.headers else {}
-        return JSONResponse(render(srv, srv.store.job(job_id), base(request)), status_code=response.status_code,
-                            headers=location)
+        obj = render(srv, srv.store.job(job_id), base(request))
+        if obj["status"] not in TERMINAL:
+            # Replicate's convention, which its clients rely on: a wait that ran out answers `starting` (poll
+            # urls.get). Its Python client takes any other status here for the end and returns no output.
+            obj["status"] = "starting"
+        return JSONResponse(obj, status_code=response.status_code, headers=location)
     return response
 
 

@@ -4,7 +4,7 @@ string checked to be text that can be stored (a lone surrogate is refused before
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
@@ -41,6 +41,33 @@ class LoraInput(Body):
     scale: float = 1.0
 
 
+FILE = "an uploaded file's id or URL, an https URL, or a data: URI"
+ASPECT_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
+# The inputs Replicate's FLUX models take, accepted beside fluxlab's own names (serve.compat maps them).
+REPLICATE_INPUTS: dict[str, Any] = {
+    "num_inference_steps": (int | None, "Denoising steps (fluxlab: steps)."),
+    "guidance_scale": (float | None, "Guidance (fluxlab: guidance)."),
+    "aspect_ratio": (Literal[(*ASPECT_RATIOS, "custom")] | None, "Aspect ratio at `megapixels` (default: the "
+                                                                  "model's own size); custom: width and height."),
+    "megapixels": (Literal["1", "0.25"] | None, "Image size for aspect_ratio (default: the model's own area)."),
+    "num_outputs": (Annotated[int, Field(ge=1, le=16)] | None, "Images to make (fluxlab: num_images)."),
+    "output_format": (Literal["png", "webp", "jpg"] | None, "png (default, lossless, with fluxlab's record), webp "
+                                                            "or jpg (the record in EXIF)."),
+    "output_quality": (Annotated[int, Field(ge=0, le=100)] | None, "webp/jpg quality (default 80)."),
+    "image": (str | None, f"Image to start from (img2img; fluxlab: init): {FILE}."),
+    "prompt_strength": (float | None, "How much of `image` is redrawn, 0..1 (fluxlab: strength)."),
+    "input_image": (str | None, f"Reference image to edit (Kontext, FLUX.2; fluxlab: images): {FILE}."),
+    "lora_scale": (float | None, "Scale of a trained version's LoRA (default 1)."),
+    "extra_lora": (str | None, "Another LoRA: a LoRA name, a training id, or a LoRA .safetensors as "
+                               f"{FILE}."),
+    "extra_lora_scale": (float | None, "Scale of extra_lora (default 1)."),
+    "model": (Literal["dev", "schnell"] | None, "A trained version's base: dev (flux1-dev) or schnell "
+                                                "(flux1-schnell); default: the base it was trained on."),
+    "go_fast": (bool | None, "Accepted; fluxlab keeps one exact path (the CLI's pixels), so it changes nothing."),
+    "disable_safety_checker": (bool | None, "Accepted; fluxlab runs no safety checker."),
+}
+
+
 def _prediction_input() -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for name, f in GenerateRequest.model_fields.items():
@@ -51,6 +78,8 @@ def _prediction_input() -> type[BaseModel]:
             annotation = list[str] | None
         fields[name] = (annotation, Field(f.default, description=f.description))
     fields["lora"] = (list[LoraInput] | None, Field(None, description="LoRAs to apply, with scales."))
+    fields |= {name: (annotation, Field(None, description=text))
+               for name, (annotation, text) in REPLICATE_INPUTS.items()}
     return create_model("PredictionInput", __base__=Body, **fields)
 
 
@@ -67,8 +96,18 @@ class JobCreate(Body):
 
 
 class PredictionCreate(JobCreate):
-    model: str = Field(min_length=1, max_length=512)
+    model: str | None = Field(None, min_length=1, max_length=512, description=(
+        "A model: fluxlab's name (demo, flux1-dev) or owner/name (black-forest-labs/flux-dev, me/my-lora)."))
+    version: str | None = Field(None, min_length=1, max_length=300, description=(
+        "A version instead of `model`: its 64-hex id, or owner/name:VERSION (what Replicate's clients send)."))
+    stream: bool | None = Field(None, description="Accepted; every prediction has urls.stream.")
     input: PredictionInput
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.model is None) == (self.version is None):
+            raise ValueError("give `model` or `version`, one of them")
+        return self
 
 
 class TrainingInput(Body):
@@ -86,6 +125,43 @@ class TrainingInput(Body):
 class TrainingCreate(JobCreate):
     model: str = Field(min_length=1, max_length=512)
     input: TrainingInput
+    destination: str | None = Field(None, max_length=200, description=(
+        "owner/name of a model of yours (POST /v1/models) that gets the trained LoRA as a new version."))
+
+
+class TrainerInput(TrainingInput):
+    """The LoRA trainer's inputs under the names Replicate's FLUX LoRA trainer uses (and fluxlab's own)."""
+
+    input_images: str | list[str] = Field(description=f"A zip of images with .txt captions ({FILE}), or images.")
+    trigger_word: str = Field("TOK", min_length=1, max_length=200)
+    resolution: int | str | None = Field(None, description="Side(s) to train at: 512 or '512,768,1024' "
+                                                           "(default: the model's own size).")
+    batch_size: int | None = Field(None, ge=1, le=64)
+    caption_dropout_rate: float | None = Field(None, ge=0, le=1)
+    optimizer: Literal["adamw", "adamw8bit"] | None = None
+    autocaption: bool | None = Field(None, description="Caption images that have no .txt (needs a captioner on "
+                                                       "the server; without one they train on the trigger word).")
+    autocaption_prefix: str | None = Field(None, max_length=500)
+    autocaption_suffix: str | None = Field(None, max_length=500)
+    base_model: str | None = Field(None, max_length=200, description=(
+        "The model to train on: dev, schnell, owner/name or a fluxlab name (default: dev, FLUX.1 [dev])."))
+
+
+class ReplicateTraining(JobCreate):
+    destination: str = Field(min_length=3, max_length=200, description="owner/name of a model of yours.")
+    input: TrainerInput
+
+
+class ModelCreate(Body):
+    owner: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    visibility: Literal["public", "private"] = "private"
+    hardware: str | None = Field(None, max_length=100, description="Accepted; the server's own device runs it.")
+    description: str | None = Field(None, max_length=2000)
+    github_url: str | None = Field(None, max_length=2048)
+    paper_url: str | None = Field(None, max_length=2048)
+    license_url: str | None = Field(None, max_length=2048)
+    cover_image_url: str | None = Field(None, max_length=2048)
 
 
 def _shared_input(name: str, drop: tuple) -> type[BaseModel]:
@@ -117,6 +193,8 @@ class GridCreate(JobCreate):
 class Job(BaseModel):
     id: str
     model: str
+    version: str = Field("", description="The version that ran (64 hex digits).")
+    destination: str | None = None
     input: dict
     status: STATUS
     created_at: str
@@ -128,6 +206,7 @@ class Job(BaseModel):
     urls: dict[str, str]
     queue_position: int | None = None
     progress: dict | None = None
+    logs: str = Field("", description="What the server adjusted or ignored, one line each.")
 
 
 class Page(BaseModel):
@@ -143,3 +222,10 @@ class FileInfo(BaseModel):
     sha256: str
     kind: Literal["image", "zip", "lora"]
     created_at: str
+    content_type: str
+    size: int
+    etag: str
+    checksums: dict[str, str]
+    metadata: dict
+    expires_at: str | None = None
+    urls: dict[str, str]

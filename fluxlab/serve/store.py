@@ -58,6 +58,13 @@ MIGRATIONS = [
     UPDATE tokens SET role = 'admin' WHERE name = (SELECT name FROM tokens ORDER BY created_at LIMIT 1);
     DELETE FROM settings WHERE key = 'webhook_secret'
     """,
+    # 4: Replicate's shapes: each token's own models (training destinations; their versions are the trainings
+    # that succeeded into them), and an upload's metadata as the client gave it.
+    """
+    CREATE TABLE models (owner TEXT NOT NULL, name TEXT NOT NULL, description TEXT, visibility TEXT NOT NULL,
+                         created_at REAL NOT NULL, PRIMARY KEY (owner, name));
+    ALTER TABLE files ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'
+    """,
 ]
 ROLES = ("admin", "user")
 SESSION_DAYS = 14
@@ -309,15 +316,27 @@ class Store:
         ).fetchone()[0] + 1
 
     # -- files, outputs, loras ------------------------------------------------------------------------
-    def add_file(self, owner: str, name: str, size: int, sha256: str, kind: str, path: str) -> dict:
+    def add_file(self, owner: str, name: str, size: int, sha256: str, kind: str, path: str,
+                 metadata: dict | None = None) -> dict:
         file_id = "file_" + new_id()
-        self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (file_id, owner, name, size, sha256, kind, path, time.time()))
+        self.db.execute("INSERT INTO files (id, owner, name, bytes, sha256, kind, path, created_at, metadata) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (file_id, owner, name, size, sha256, kind, path,
+                                                              time.time(), json.dumps(metadata or {})))
         return self.file(file_id, owner)
 
     def file(self, file_id: str, owner: str) -> dict | None:
         row = self.db.execute("SELECT * FROM files WHERE id = ? AND owner = ?", (file_id, owner)).fetchone()
-        return dict(row) if row else None
+        return _file(row) if row else None
+
+    def files(self, owner: str) -> list[dict]:
+        return [_file(r) for r in self.db.execute("SELECT * FROM files WHERE owner = ? ORDER BY created_at DESC",
+                                                  (owner,))]
+
+    def file_with(self, owner: str, sha256: str, kind: str) -> dict | None:
+        """The owner's upload with these bytes, if any (an input URL fetched twice is kept once)."""
+        row = self.db.execute("SELECT * FROM files WHERE owner = ? AND sha256 = ? AND kind = ? ORDER BY created_at "
+                              "LIMIT 1", (owner, sha256, kind)).fetchone()
+        return _file(row) if row else None
 
     def add_output(self, job_id: str, owner: str, idx: int, kind: str, path: str, seed: int | None) -> dict:
         row = self.db.execute("SELECT * FROM outputs WHERE job_id = ? AND kind = ? AND idx = ?",
@@ -333,8 +352,10 @@ class Store:
         sql = "SELECT * FROM outputs WHERE job_id = ?" + (" AND kind = ?" if kind else "") + " ORDER BY idx"
         return [dict(r) for r in self.db.execute(sql, (job_id, kind) if kind else (job_id,))]
 
-    def output(self, out_id: str, owner: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM outputs WHERE id = ? AND owner = ?", (out_id, owner)).fetchone()
+    def output(self, out_id: str, owner: str | None) -> dict | None:
+        """The owner's output (owner None: any owner's, for a URL the server signed)."""
+        row = self.db.execute("SELECT * FROM outputs WHERE id = ? AND (owner = ? OR ? IS NULL)",
+                              (out_id, owner, owner)).fetchone()
         return dict(row) if row else None
 
     def recent_outputs(self, owner: str, before: float | None, limit: int) -> list[dict]:
@@ -365,6 +386,43 @@ class Store:
     def loras(self, owner: str) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM loras WHERE owner = ? ORDER BY created_at",
                                                  (owner,))]
+
+    # -- models (training destinations) ---------------------------------------------------------------
+    def add_model(self, owner: str, name: str, description: str | None, visibility: str) -> bool:
+        """A new model of the owner's; False when the owner has one of that name already."""
+        try:
+            self.db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?)",
+                            (owner, name, description, visibility, time.time()))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def model(self, owner: str, name: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM models WHERE owner = ? AND name = ?", (owner, name)).fetchone()
+        return dict(row) if row else None
+
+    def models(self, owner: str) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM models WHERE owner = ? ORDER BY created_at",
+                                                 (owner,))]
+
+    def delete_model(self, owner: str, name: str) -> None:
+        self.db.execute("DELETE FROM models WHERE owner = ? AND name = ?", (owner, name))
+
+    def trained_into(self, owner: str, ref: str) -> list[dict]:
+        """The owner's trainings that succeeded into the model `ref` (owner/name), newest first."""
+        return [_job(r) for r in self.db.execute(
+            "SELECT * FROM jobs WHERE owner = ? AND kind = 'training' AND status = 'succeeded' AND "
+            "json_extract(plan, '$.destination') = ? ORDER BY seq DESC", (owner, ref))]
+
+    def run_count(self, owner: str, model: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND kind = 'prediction' AND model = ?",
+                               (owner, model)).fetchone()[0]
+
+
+def _file(row) -> dict:
+    f = dict(row)
+    f["metadata"] = json.loads(f.get("metadata") or "{}")
+    return f
 
 
 def _job(row) -> dict:

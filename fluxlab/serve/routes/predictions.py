@@ -1,13 +1,16 @@
 """POST/PUT /v1/predictions and a prediction's step preview (get, list, cancel and stream come from serve.jobs)."""
 
+import contextlib
 import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
-from ..deps import Server, Srv, Who, model_name, named_loras, own_file, own_job
+from .. import compat, refs
+from ..deps import Server, Srv, Who, model_name, named_loras, own_job
 from ..http import ApiError
+from ..inputs import file_input
 from ..jobs import submit
 from ..schemas import ERRORS, Job, PredictionCreate
 from ..store import new_id
@@ -16,29 +19,89 @@ router = APIRouter(prefix="/v1/predictions", tags=["predictions"], responses=ERR
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
+def target(srv: Server, body: PredictionCreate, who: str) -> refs.Version:
+    """The version a prediction runs: from `version`, an owner/name `model` (its latest version), or a fluxlab
+    model name (its one version)."""
+    if body.version is not None:
+        ref, version = refs.parse(body.version, "version")
+        return refs.find(srv, who, ref, version)
+    if "/" in body.model:
+        ref = None
+        with contextlib.suppress(ApiError):
+            ref = refs.parse(body.model, "model")[0]
+        try:
+            if ref is None or ":" in body.model:
+                raise ApiError(404, "not a model reference")
+            return refs.find(srv, who, ref, None, "model")
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            valid = ", ".join([*refs.shared_models(srv), *(f"{who}/{m['name']}" for m in srv.store.models(who))])
+            raise ApiError(422, f"model: unknown model {body.model!r}; valid: {valid} (a version goes in "
+                                f"`version`)") from None
+    model_name(srv, body.model)  # a 422 naming the valid ones
+    ref = next((r for r, n in refs.shared_models(srv).items() if n == body.model), body.model)
+    return refs.Version(ref, refs.base_version(srv, body.model), "base", body.model)
+
+
+def default_size(model: str) -> tuple[int, int]:
+    from ...runtime.loading import locate
+
+    spec = locate(model).spec
+    return tuple(spec.default_size) if spec else (1024, 1024)
+
+
 def plan(srv: Server, body: PredictionCreate, who: str, job_id: str) -> dict:
     """The stored plan: the request resolved by the same service.prepare the CLI uses, files by path."""
     from ...service.generate import prepare
-    from ...spec.request import GenerateRequest, ModelRef, Runtime
+    from ...spec.request import GenerateRequest, LoraRef, ModelRef, Runtime
     from ...spec.typed import validate
 
-    fields = body.input.model_dump(exclude_unset=True)
+    version = target(srv, body, who)
+    if version.kind == "trainer":
+        raise ApiError(422, f"{version.ref} trains LoRAs; start a training: POST /v1/models/{version.ref}/versions/"
+                            f"{version.id}/trainings")
+    t = compat.translate(body.input.model_dump(exclude_unset=True), default_size(model_name(srv, version.model)))
+    if t.base is not None and version.kind != "trained":
+        raise ApiError(422, f"input.model: {version.ref} is a base model; `model` picks the base of a trained "
+                            f"version")
+    fields = t.fields
     loras = fields.pop("lora", None) or []
     for key in ("init", "mask"):
         if fields.get(key) is not None:
-            f = own_file(srv, fields[key], who, ("image",), f"input.{key}")
+            f = file_input(srv, fields[key], who, ("image",), f"input.{key}")
             fields[key] = {"path": f["path"], "sha256": f["sha256"]}
     if fields.get("images"):
         fields["images"] = [(lambda f: {"path": f["path"], "sha256": f["sha256"]})(
-            own_file(srv, x, who, ("image",), f"input.images[{i}]")) for i, x in enumerate(fields["images"])]
-    refs = named_loras(srv, loras, who)
+            file_input(srv, x, who, ("image",), f"input.images[{i}]")) for i, x in enumerate(fields["images"])]
+    lora_refs = named_loras(srv, loras, who)
+    if version.kind == "trained":
+        lo = version.lora
+        lora_refs.insert(0, LoraRef(path=lo["path"], scale=1.0 if t.lora_scale is None else t.lora_scale,
+                                    sha256=lo["sha256"]))
+    elif t.lora_scale is not None:
+        t.notes.append(f"lora_scale ignored: {version.ref} has no LoRA of its own (extra_lora adds one)")
+    if t.extra_lora is not None:
+        lora_refs.append(extra_lora(srv, t.extra_lora, t.extra_lora_scale, who))
     request = validate(GenerateRequest, fields, "input")
-    ref = ModelRef(name=model_name(srv, body.model), loras=tuple(refs))
+    ref = ModelRef(name=model_name(srv, t.base or version.model), loras=tuple(lora_refs))
     prep = prepare(request, ref, Runtime(), check_files=False)
     concrete = request.model_copy(update={"seeds": list(prep.job.seeds), "seed": None, "num_images": None})
     return {"request": concrete.model_dump(mode="json", exclude_none=True),
             "model": ref.model_dump(mode="json", exclude_none=True),
-            "out": str(srv.settings.data / "outputs" / job_id), "images": prep.job.count}
+            "out": str(srv.settings.data / "outputs" / job_id), "images": prep.job.count,
+            "version": version.id, "ref": body.model or version.ref, "notes": t.notes + list(prep.job.notices),
+            "output": t.output}
+
+
+def extra_lora(srv: Server, value: str, scale: float, who: str):
+    """input.extra_lora: a LoRA or training of the caller's by name, or a LoRA file (id, URL or data: URI)."""
+    from ...spec.request import LoraRef
+
+    row = srv.store.lora(value, who) if isinstance(value, str) else None
+    if row is None:
+        row = file_input(srv, value, who, ("lora",), "input.extra_lora")
+    return LoraRef(path=row["path"], scale=scale, sha256=row["sha256"])
 
 
 @router.post("", status_code=201, response_model=Job)

@@ -7,10 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 
 from ...errors import UserError
-from ..deps import Owner, Server, Srv, Who, base, check_limits, model_name, own_file, own_job
+from .. import refs
+from ..deps import Owner, Server, Srv, Who, base, check_limits, model_name, own_job
 from ..http import ApiError
+from ..inputs import file_input
 from ..jobs import render, submit
-from ..schemas import ERRORS, Job, TrainingCreate, TrainingInput
+from ..schemas import ERRORS, Job, TrainerInput, TrainingCreate, TrainingInput
 from ..store import new_id
 from ..uploads import gather_images
 
@@ -25,11 +27,13 @@ def plan(srv: Server, body: TrainingCreate, who: str, job_id: str) -> dict:
     several = isinstance(inp.input_images, list)
     ids = inp.input_images if several else [inp.input_images]
     if not 1 <= len(ids) <= 1000:
-        raise ApiError(422, f"input.input_images: give 1 to 1000 file ids, not {len(ids)}")
-    files = [own_file(srv, x, who, ("zip", "image"), f"input.input_images[{i}]" if several else "input.input_images")
-             for i, x in enumerate(ids)]
+        raise ApiError(422, f"input.input_images: give 1 to 1000 files, not {len(ids)}")
+    destination = body.destination and own_model(srv, body.destination, who)
+    files = [file_input(srv, x, who, ("zip", "image"), f"input.input_images[{i}]" if several
+                        else "input.input_images") for i, x in enumerate(ids)]
     if len(files) == 1 and files[0]["kind"] == "zip":
         archive = files[0]
+        check_images(archive)
     elif any(f["kind"] == "zip" for f in files):
         raise ApiError(422, "input.input_images: give one zip, or images, not both")
     else:
@@ -41,21 +45,61 @@ def plan(srv: Server, body: TrainingCreate, who: str, job_id: str) -> dict:
     folder = srv.settings.data / "trainings"
     device = srv.settings.runtime.get("device", "cpu")
     images = archive["path"] if archive else "(uploaded images)"
-    config = training_config(inp, images, model, job_id, folder, device)
+    notes: list[str] = []
+    config = training_config(inp, images, model, job_id, folder, device, notes)
     if archive is None:  # made only once the request is known to be good: a refused one leaves nothing
         images = str(gather_images(files, srv.settings.data / "training-inputs" / job_id))
         for d in config.process.datasets:
             d.folder_path = images
-    return {"config": config.model_dump(mode="json"), "trigger_word": inp.trigger_word, "lora_name": name}
+    return {"config": config.model_dump(mode="json"), "trigger_word": inp.trigger_word, "lora_name": name,
+            "destination": destination, "base": body.model, "base_version": refs.base_version(srv, body.model),
+            "notes": notes, "version": refs.trainer_version()}
 
 
-def training_config(inp: TrainingInput, archive: str, model: str, job_id: str, folder: Path, device: str):
+def check_images(archive: dict) -> None:
+    """A zip given to train on holds images (checked now: a 422, not a training that fails in the queue)."""
+    import zipfile
+
+    from ...train.data import IMAGE_EXTS
+
+    with zipfile.ZipFile(archive["path"]) as zf:
+        if not any(Path(n).suffix.lower() in IMAGE_EXTS for n in zf.namelist()):
+            raise ApiError(422, f"input.input_images: {archive['name']} holds no images "
+                                f"({', '.join(sorted(IMAGE_EXTS))})")
+
+
+def own_model(srv: Server, destination: str, who: str) -> str:
+    """A training's destination: owner/name of a model the caller made."""
+    ref, version = refs.parse(destination, "destination")
+    owner, _, name = (ref or "").partition("/")
+    if version is not None or owner != who or srv.store.model(who, name) is None:
+        raise ApiError(422, f"destination: {destination[:100]!r} is not a model of yours; create it first (POST "
+                            f"/v1/models with owner {who!r}) and give owner/name")
+    return ref
+
+
+def resolutions(inp: TrainingInput) -> list[int] | None:
+    if inp.resolution is None or isinstance(inp.resolution, int):
+        return None if inp.resolution is None else [inp.resolution]
+    try:
+        sides = [int(x) for x in inp.resolution.split(",") if x.strip()]
+    except ValueError:
+        sides = []
+    if not sides:
+        raise ApiError(422, f"input.resolution: {inp.resolution[:50]!r} is not a side or sides such as 512 or "
+                            f"'512,768,1024'")
+    return sides
+
+
+def training_config(inp: TrainingInput, archive: str, model: str, job_id: str, folder: Path, device: str,
+                    notes: list):
     """The training config: the one-line recipe, or the client's ai-toolkit YAML with every path replaced by the
     server's (the upload, the run folder) and its device the server's."""
     from ...spec.trainconfig import one_line, parse, yaml_text
 
+    sides = resolutions(inp)
     if inp.config is None:
-        job = one_line(archive, inp.trigger_word, inp.steps, model, job_id, str(folder), inp.resolution,
+        job = one_line(archive, inp.trigger_word, inp.steps, model, job_id, str(folder), sides and sides[0],
                        device="cuda" if device.startswith("cuda") else "cpu")
         data = job.model_dump(mode="json")
     else:
@@ -87,7 +131,29 @@ def training_config(inp: TrainingInput, archive: str, model: str, job_id: str, f
         process["network"].update(linear=inp.lora_rank, linear_alpha=inp.lora_rank)
     if inp.learning_rate:
         process["train"]["lr"] = inp.learning_rate
+    if isinstance(inp, TrainerInput):
+        trainer_settings(inp, process, sides, device, notes)
     return parse(data, "training")
+
+
+def trainer_settings(inp: TrainerInput, process: dict, sides: list | None, device: str, notes: list) -> None:
+    """The trainer's own inputs (Replicate's FLUX LoRA trainer names) onto the config."""
+    for d in process["datasets"]:
+        if sides:
+            d["resolution"] = sides
+        if inp.caption_dropout_rate is not None:
+            d["caption_dropout_rate"] = inp.caption_dropout_rate
+    if inp.batch_size:
+        process["train"]["batch_size"] = inp.batch_size
+    if inp.optimizer == "adamw8bit" and not device.startswith("cuda"):
+        notes.append("optimizer adamw8bit needs CUDA (bitsandbytes); training with adamw")
+    elif inp.optimizer:
+        process["train"]["optimizer"] = inp.optimizer
+    if inp.autocaption:
+        notes.append("autocaption: this server has no captioner; images without a .txt caption train on the "
+                     "trigger word alone")
+    elif inp.autocaption_prefix or inp.autocaption_suffix:
+        notes.append("autocaption_prefix/suffix ignored: autocaption is off")
 
 
 @router.post("", status_code=201, response_model=Job)
