@@ -16,6 +16,7 @@ WANT="$BASE extras=$EXTRAS"
 # Done already: this setup, or (for a plain one) the test setup, which installs everything a plain one does.
 if [ -x .venv/bin/python ] && [ -f "$STAMP" ] \
     && { grep -qxF "$WANT" "$STAMP" || { [ -z "$EXTRAS" ] && grep -qxF "$BASE extras=[test]" "$STAMP"; }; } \
+    && { [ -z "$EXTRAS" ] || [ -f tests/node/node_modules/replicate/package.json ]; } \
     && .venv/bin/python -c "import fluxlab, importlib.metadata as m; m.version('torch')" 2>/dev/null; then
   exit 0
 fi
@@ -29,4 +30,5 @@ pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "
 .venv/bin/python -c "import torch" 2>/dev/null || pip_install "torch==$TORCH"
 pip_install -e ".$EXTRAS"
 [ -z "$EXTRAS" ] || [ -x /usr/bin/chromium ] || scripts/browser.sh
+[ -z "$EXTRAS" ] || scripts/node.sh
 echo "$WANT" >> "$STAMP"
