@@ -291,3 +291,49 @@ def build_tiny(kind: str, path: str | Path, seed: int = 0) -> Path:
     # Record what this is, for people who find the folder later.
     (path / "TINY.json").write_text(json.dumps({"kind": kind, "seed": seed, "random_weights": True}) + "\n")
     return path
+
+
+def build_tiny_florence2(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Florence-2 captioner (transformers' native classes and processor) saved at `path`: a word-level
+    tokenizer with Florence-2's special and location tokens, a 64x64 image processor, a 4-stage DaViT of 1 block
+    each and a 1-layer BART, as a real one is laid out."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        Florence2VisionConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "<image>"] + [f"<loc_{i}>" for i in range(1000)]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([*CORPUS, "what does the image describe ?", "describe in detail what is shown in the "
+                             "image ."], trainer=trainers.WordLevelTrainer(special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", mask_token="<mask>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    # 64x64 pixels through strides 4, 2, 2, 2: 2x2 patches and one pooled token per image.
+    images = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False, image_seq_length=5)
+    images.image_seq_length = 5
+    processor = Florence2Processor(image_processor=images, tokenizer=tokenizer,
+                                   post_processor_config={"pure_text": {}})
+    vision = Florence2VisionConfig(depths=[1, 1, 1, 1], embed_dim=[8, 16, 16, 16], num_heads=[1, 1, 1, 1],
+                                   num_groups=[1, 1, 1, 1], projection_dim=16, window_size=2, drop_path_rate=0.0)
+    text = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                      max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      decoder_start_token_id=2, forced_eos_token_id=2)
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
+                                                              image_token_id=tokenizer.image_token_id)).eval()
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    (path / "TINY.json").write_text(json.dumps({"kind": "florence2", "seed": seed, "random_weights": True}) + "\n")
+    return path

@@ -9,8 +9,12 @@ from pathlib import Path
 import fluxlab
 
 ROOT = Path(fluxlab.__file__).parent
-ORDER = ["errors", "files", "spec", "core", "runtime", "train", "service", "client", "batch", "serve", "web", "cli",
-         "demo"]
+ORDER = ["errors", "files", "spec", "demo-vocabulary", "core", "runtime", "caption", "train", "service", "client",
+         "batch", "serve", "web", "cli", "demo"]
+# The demo's vocabulary and its reader are plain code over the standard library and numpy, below everything that
+# uses them: the demo captioner (caption/) reads images with them. The rest of demo/ (building and training the
+# demo model, the LoRA proof) is a front end.
+VOCABULARY = {"fluxlab.demo.data", "fluxlab.demo.evaluate"}
 TORCH_LIKE = {"torch", "diffusers", "transformers", "peft", "accelerate", "torchao", "safetensors", "numpy"}
 
 
@@ -49,6 +53,8 @@ def graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> str:
+    if module in VOCABULARY:
+        return "demo-vocabulary"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "fluxlab"
 

@@ -149,4 +149,4 @@ def run() -> None:
     sys.exit(main())
 
 
-from . import batch, generate, grid, info, lora, presets, quantize, serve, train  # noqa: E402, F401  (each registers its commands)
+from . import batch, caption, generate, grid, info, lora, presets, quantize, serve, train  # noqa: E402, F401  (each registers its commands)
