@@ -25,6 +25,9 @@ def train(
     out_dir: Annotated[str, Opt("--out", help="One-line training: training folder.")] = "outputs/training",
     resolution: Annotated[int | None, Opt(help="One-line training: resolution (default: the model's size, "
                                                "1024 for FLUX models).")] = None,
+    caption: Annotated[str | None, Opt("--caption", help="One-line training: caption the images that have none "
+                                                         "first, with this captioner (demo, florence-2-large, "
+                                                         "...).")] = None,
     resume: Annotated[str | None, Opt(help="Continue the run in this folder from its last checkpoint.")] = None,
     device: Annotated[str | None, Opt(help="Override the config's device.")] = None,
     threads: Annotated[int | None, Opt(help="torch threads (default: this process's share of the CPUs).", min=1,
@@ -36,6 +39,8 @@ def train(
     from ..service.train import train as run
     from ..spec.trainconfig import load_yaml
 
+    if caption and not images:
+        raise UserError("--caption goes with --images (in a config, set datasets[].auto_caption)")
     if resume:
         if config or images:
             raise UserError("--resume continues a run with its own config; give only the run folder")
@@ -51,6 +56,12 @@ def train(
         if not trigger:
             raise UserError("one-line training needs --trigger WORD (what prompts will use to call the concept)")
         job = one_line(images, trigger, steps, model, name, out_dir, resolution, device)
+        if caption:
+            from ..caption.models import resolve
+
+            resolve(caption)  # a captioner that is none is refused now, not after the run folder is made
+            for d in job.process.datasets:
+                d.auto_caption = caption
     else:
         raise UserError("fluxlab train CONFIG.yaml, or fluxlab train --images DIR --trigger WORD, or --resume RUN")
     if resume and Path(resume).resolve() != (Path(job.process.training_folder) / job.config.name).resolve():

@@ -8,6 +8,7 @@ other image fluxlab writes.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,36 @@ def render_samples(model, requests: list, step: int, events=None) -> list[Path]:
     return paths
 
 
+def with_captions(config: Job, notify, device: str | None) -> Job:
+    """The config with each `auto_caption` dataset captioned first (service.caption.caption_dataset) and pointed at
+    the captioned copy in the run folder; the captioner is gone before the model loads. Under several processes
+    the first captions and the others wait for its folder."""
+    if not any(d.auto_caption for d in config.process.datasets):
+        return config
+    from ..files import inside
+    from .caption import caption_dataset
+
+    run_dir = inside(Path(config.process.training_folder), config.config.name, "config.name")
+    config = config.model_copy(deep=True)
+    first = int(os.environ.get("RANK", "0")) == 0
+    for i, d in enumerate(config.process.datasets):
+        if not d.auto_caption:
+            continue
+        folder = run_dir / "captions" / f"dataset-{i}"
+        if first:
+            from ..runtime.devices import resolve_device
+
+            caption_dataset(d.folder_path, folder, d.auto_caption, config.process.trigger_word, d.caption_ext,
+                            "detailed" if d.caption_per_line else "short",
+                            str(resolve_device(device or config.process.device)), notify)
+        else:
+            deadline = time.time() + 3600
+            while not folder.is_dir() and time.time() < deadline:
+                time.sleep(1)
+        d.folder_path, d.auto_caption = str(folder), None
+    return config
+
+
 def train(config: Job, *, events=None, cancel: CancelToken | None = None, device: str | None = None,
           resume: bool = False, threads: int | None = None) -> TrainResult:
     """Train as `config` says (resume: continue its run folder from the last checkpoint)."""
@@ -80,6 +111,7 @@ def train(config: Job, *, events=None, cancel: CancelToken | None = None, device
         check_state(inside(Path(config.process.training_folder), config.config.name, "config.name"))
     quiet_libraries()
     applied = apply_threads(threads)
+    config = with_captions(config, notify, device)
     trainer = Trainer(config, notify=notify, device=device, on_step=on_step,
                       on_save=lambda step, path: emit(events, Saved(step, path)),
                       should_stop=(lambda: cancel.cancelled) if cancel is not None else None,

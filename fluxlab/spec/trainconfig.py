@@ -45,6 +45,9 @@ class Dataset(Strict):
     mask_path: str | None = None  # loss weights under the same names: white trains fully, black by mask_min_value
     mask_min_value: float = Field(0.0, ge=0, le=1)
     caption_ext: str = "txt"
+    # Caption the images that have no caption first, with this captioner (florence-2-large, demo, a folder...);
+    # the captions used are kept in the run folder (captions/dataset-N), so a resumed or repeated run uses them.
+    auto_caption: str | None = None
     caption_dropout_rate: float = Field(0.05, ge=0, le=1)
     shuffle_tokens: bool = False
     caption_per_line: bool = False  # each line of a caption file is one caption; a step picks one at random

@@ -74,6 +74,8 @@ class Trainer:
         self.scratch = tempfile.TemporaryDirectory(prefix="fluxlab-datasets-")
         self.items, self.item_dataset = [], []  # each item, and the dataset settings it came with
         for d in p.datasets:
+            if d.auto_caption:  # service.train captions such datasets first and points them at the result
+                raise UserError(f"dataset {d.folder_path}: auto_caption is applied by service.train before training")
             found = scan(d.folder_path, d.caption_ext, p.trigger_word, d.resolution, self.notify,
                          workdir=Path(self.scratch.name), control=d.control_path, mask=d.mask_path,
                          per_line=d.caption_per_line)
