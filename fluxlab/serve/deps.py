@@ -90,7 +90,8 @@ def admin(who: Who) -> Caller:
 
 
 Admin = Annotated[Caller, Depends(admin)]
-KINDS = {"prediction": "predictions", "training": "trainings", "batch": "batches", "grid": "grids"}
+KINDS = {"prediction": "predictions", "training": "trainings", "batch": "batches", "grid": "grids",
+         "caption": "captions"}
 
 
 def own_job(kind: str):

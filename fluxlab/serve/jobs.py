@@ -4,6 +4,7 @@ stream routes of `/v1/{predictions,trainings,batches,grids}`."""
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -30,6 +31,10 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
         output = urls("image") or None
     elif job["kind"] == "grid":
         output = {kind: urls(kind) for kind in ("cell", "sheet", "csv")}
+    elif job["kind"] == "caption":
+        listed = store.outputs(job["id"], "captions")
+        output = {"captions": json.loads(Path(listed[0]["path"]).read_text()), "zip": urls("zip")[0]} \
+            if listed and Path(listed[0]["path"]).is_file() else None
     else:
         loras = store.outputs(job["id"], "lora")
         output = {"samples": urls("sample")}
@@ -181,6 +186,7 @@ STREAM_DOCS = {
     "training": "Server-Sent Events: status, progress {step, total, loss, eta_s}, output (samples), checkpoint, done.",
     "batch": "Server-Sent Events: status, progress {done, failed, total}, output (each image), done.",
     "grid": "Server-Sent Events: progress {done, total}, output (each cell, then the sheet and the CSV), done.",
+    "caption": "Server-Sent Events: progress {done, total, image, caption, eta_s}, output (captions, zip), done.",
 }
 CANCEL_DOCS = {"training": "Stop a training after its current step, saving a checkpoint first (resume continues "
                            "from it)."}

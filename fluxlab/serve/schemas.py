@@ -152,6 +152,21 @@ class ReplicateTraining(JobCreate):
     input: TrainerInput
 
 
+class CaptionInput(Body):
+    images: str | list[str] = Field(description=f"A zip of images ({FILE}), or images.")
+    trigger_word: str | None = Field(None, max_length=200, description="Put in each caption, once.")
+    detail: Literal["short", "detailed"] = "short"
+    prefix: str = Field("", max_length=500)
+    suffix: str = Field("", max_length=500)
+    overwrite: bool = Field(False, description="Replace the captions a zip has (default: keep them).")
+
+
+class CaptionCreate(JobCreate):
+    model: str = Field("florence-2-large", max_length=100, description="The captioner: florence-2-large, "
+                                                                         "florence-2-base, qwen2.5-vl-3b or demo.")
+    input: CaptionInput
+
+
 class ModelCreate(Body):
     owner: str = Field(min_length=1, max_length=64)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -103,7 +103,8 @@ class Worker:
         self.current, self.token = job_id, CancelToken()
         t0 = time.perf_counter()
         try:
-            run = {"training": self.train, "batch": self.batch, "grid": self.grid}.get(job["kind"], self.predict)
+            run = {"training": self.train, "batch": self.batch, "grid": self.grid,
+                   "caption": self.caption}.get(job["kind"], self.predict)
             metrics = run(job)
             metrics["total_time"] = round(time.perf_counter() - t0, 4)
             self.send(job_id, "done", status="succeeded", error=None, metrics=metrics)
@@ -220,6 +221,39 @@ class Worker:
                 "failed": report.failed, "images_per_s": round(report.images_per_s, 3)}
 
     # -- trainings ------------------------------------------------------------------------------------
+    # -- captions -------------------------------------------------------------------------------------
+    def caption(self, job: dict) -> dict:
+        """Captions for an uploaded set through service.caption: written beside copies of its images in the job's
+        folder, listed in captions.json (the job's output) and zipped with the images."""
+        import json
+        import shutil
+
+        from ..service.caption import Captioned, caption
+
+        plan, job_id = job["plan"], job["id"]
+        out, started = Path(plan["out"]), time.perf_counter()
+        self.send(job_id, "processing", load_time=0.0)
+
+        def events(e) -> None:
+            if isinstance(e, Captioned):
+                self.send(job_id, "progress", done=e.i, total=e.n, image=e.image, caption=e.caption, eta_s=e.eta_s)
+
+        self.pool.release()  # a captioner needs the memory; the next prediction loads its model again
+        source = Path(plan["source"])
+        if source.suffix.lower() == ".zip":
+            result = caption(source, plan["captioner"], out=out / "set", events=events, cancel=self.token,
+                             **plan["options"])
+        else:
+            shutil.copytree(source, out / "set", dirs_exist_ok=True)
+            result = caption(out / "set", plan["captioner"], events=events, cancel=self.token, **plan["options"])
+        rows = [{"image": r.image, "caption": r.caption, "status": r.status} for r in result.rows]
+        atomic_json = out / "captions.json"
+        atomic_json.write_text(json.dumps(rows, indent=1) + "\n")
+        archive = shutil.make_archive(str(out / "captioned"), "zip", out / "set")
+        self.send(job_id, "output", kind="captions", idx=0, path=str(atomic_json), seed=None)
+        self.send(job_id, "output", kind="zip", idx=0, path=archive, seed=None)
+        return {"predict_time": round(time.perf_counter() - started, 4), "images": result.total}
+
     def train(self, job: dict) -> dict:
         from ..service import events as ev
         from ..service.train import train

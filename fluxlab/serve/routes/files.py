@@ -105,7 +105,8 @@ def delete_output(output_id: str, who: Owner, srv: Srv) -> dict:
 
 
 @outputs.get("/{output_id}", response_class=Response, responses={200: {"content": {
-    "image/png": {}, "image/webp": {}, "image/jpeg": {}, "application/octet-stream": {}, "text/csv": {}}}})
+    "image/png": {}, "image/webp": {}, "image/jpeg": {}, "application/octet-stream": {}, "text/csv": {},
+    "application/zip": {}, "application/json": {}}}})
 def get_output(output_id: str, srv: Srv, request: Request,
                thumb: Annotated[int | None, Query(ge=16, le=1024)] = None,
                expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
@@ -124,6 +125,9 @@ def get_output(output_id: str, srv: Srv, request: Request,
         return FileResponse(o["path"], media_type="application/octet-stream", filename=Path(o["path"]).name)
     if o["kind"] == "csv":
         return FileResponse(o["path"], media_type="text/csv", filename="grid.csv")
+    if o["kind"] in ("zip", "captions"):
+        return FileResponse(o["path"], media_type="application/zip" if o["kind"] == "zip" else "application/json",
+                            filename=Path(o["path"]).name)
     if thumb:
         from PIL import Image
 

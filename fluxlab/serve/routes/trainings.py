@@ -150,10 +150,13 @@ def trainer_settings(inp: TrainerInput, process: dict, sides: list | None, devic
     elif inp.optimizer:
         process["train"]["optimizer"] = inp.optimizer
     if inp.autocaption:
-        notes.append("autocaption: this server has no captioner; images without a .txt caption train on the "
-                     "trigger word alone")
-    elif inp.autocaption_prefix or inp.autocaption_suffix:
-        notes.append("autocaption_prefix/suffix ignored: autocaption is off")
+        # The demo is captioned by its own captioner; every other model by Florence-2 (from the server's cache).
+        captioner = "demo" if process["model"]["name_or_path"] == "demo" else "florence-2-large"
+        for d in process["datasets"]:
+            d["auto_caption"] = captioner
+        notes.append(f"autocaption: images without a .txt caption are captioned by {captioner} first")
+    if inp.autocaption_prefix or inp.autocaption_suffix:
+        notes.append("autocaption_prefix/suffix ignored: fluxlab puts the trigger word in each caption itself")
 
 
 @router.post("", status_code=201, response_model=Job)
