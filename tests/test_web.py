@@ -4,6 +4,7 @@ server with the bundled demo model."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -257,5 +258,48 @@ def test_the_page_works_without_javascript(server, logged_in):
             time.sleep(0.3)
             page = c.get(r.headers["location"])
         assert "/image/out_" in page.text
+        thumb = re.search(r'<img src="(/v1/outputs/[^"]+)"', page.text).group(1)  # a thumbnail, not the PNG
+        assert "sig=" not in thumb and c.get(thumb).headers["content-type"] == "image/jpeg"
         bad = c.post("/generate", data={"prompt": PROMPT, "width": "100", "model": "demo"})
         assert bad.status_code == 422 and 'data-field="width"' in bad.text and "multiple of 16" in bad.text
+
+
+def test_a_dataset_is_captioned_edited_and_trained_from_the_page(server, logged_in, tmp_path):
+    """Without JavaScript: upload a zip of uncaptioned rings to "Caption the missing ones" (the demo captioner),
+    the dataset page shows each image and its caption, one caption is edited, and the training uses the edited
+    text."""
+    import re
+    import zipfile
+
+    from fluxlab.demo.data import render
+    from fluxlab.demo.lora import ring_scenes
+
+    archive = tmp_path / "rings.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i, s in enumerate(ring_scenes(4, 2)):
+            path = tmp_path / f"ring_{i}.png"
+            render(s, seed=i).save(path)
+            z.write(path, path.name)
+    cookie = logged_in.get_cookie("fluxlab_session")["value"]
+    with httpx.Client(base_url=server.url, cookies={"fluxlab_session": cookie}, headers={"Origin": server.url},
+                      timeout=120) as c:
+        r = c.post("/datasets", data={"captioner": "demo", "trigger_word": "zxq", "detail": "short"},
+                   files={"images": ("rings.zip", archive.read_bytes(), "application/zip")})
+        assert r.status_code == 303 and r.headers["location"].startswith("/datasets/"), r.text
+        page = c.get(r.headers["location"])
+        deadline = time.time() + 60
+        while "Train with these captions" not in page.text and time.time() < deadline:
+            assert 'http-equiv="refresh"' in page.text  # a page that waits reloads itself
+            time.sleep(0.3)
+            page = c.get(r.headers["location"])
+        first = ring_scenes(4, 2)[0].caption.replace("ring", "zxq")
+        assert page.text.count('data-testid="dataset-item"') == 4 and first in page.text
+        thumb = re.search(r'<img src="(/v1/outputs/[^"]+)"', page.text).group(1)
+        assert c.get(thumb).headers["content-type"] == "image/jpeg"
+        t = c.post(r.headers["location"] + "/train", data={"caption_0": "zxq, edited by hand", "model": "demo",
+                                                            "trigger_word": "zxq", "steps": "2"})
+        assert t.status_code == 303 and t.headers["location"].startswith("/trainings/"), t.text
+    uploads = sorted(server.data.glob("files/*/dataset.zip"), key=lambda p: p.stat().st_mtime)
+    with zipfile.ZipFile(uploads[-1]) as z:
+        assert z.read("ring_0.txt").decode() == "zxq, edited by hand\n"
+        assert z.read("ring_1.txt").decode().startswith("a ") and "zxq" in z.read("ring_1.txt").decode()

@@ -8,7 +8,20 @@ from fastapi.responses import RedirectResponse, Response
 
 from ..serve.deps import SESSION_COOKIE
 from ..serve.http import ApiError, check_origin
-from .site import FLOATS, INTS, TEXTS, call, choices, field_of, guarded, number, render, safe_next, store
+from .site import (
+    FLOATS,
+    INTS,
+    TEXTS,
+    call,
+    choices,
+    dataset_view,
+    field_of,
+    guarded,
+    number,
+    render,
+    safe_next,
+    store,
+)
 
 router = APIRouter(include_in_schema=False)
 
@@ -145,3 +158,56 @@ async def train_form(request: Request):
         errors[field] = detail
     return render(request, "train.html", status=422, page="train", title="Train", form=form, errors=errors,
                   **(await choices(request)))
+
+
+@router.post("/datasets")
+@guarded
+async def dataset_form(request: Request):
+    """Upload a set and caption what has no caption (POST /v1/captions); its page shows the result."""
+    data = await request.form()
+    form = {k: v for k, v in data.items() if isinstance(v, str)}
+    ids, error = await upload_all(request, data.getlist("images"))
+    if not error and not ids:
+        error = "images: give a zip of images, or images"
+    if not error:
+        zipped = len(ids) == 1 and ids[0]["kind"] == "zip"
+        inp = {"images": ids[0]["id"] if zipped else [i["id"] for i in ids], "detail": form.get("detail", "short")}
+        if form.get("trigger_word", "").strip():
+            inp["trigger_word"] = form["trigger_word"].strip()
+        r = await call(request, "POST", "/v1/captions", json={"model": form.get("captioner", "demo"), "input": inp})
+        if r.status_code == 201:
+            return RedirectResponse(f"/datasets/{r.json()['id']}", status_code=303)
+        error = r.json().get("detail", str(r.status_code))
+    return render(request, "train.html", status=422, page="train", title="Train", form=form,
+                  errors={"dataset": error}, **(await choices(request)))
+
+
+@router.post("/datasets/{job_id}/train")
+@guarded
+async def dataset_train(request: Request, job_id: str):
+    """Train on a captioned set with the captions as edited on its page: the images and those captions zipped,
+    uploaded through /v1/files, and trained through /v1/trainings."""
+    import io
+    import zipfile
+    from pathlib import PurePosixPath
+    from urllib.parse import urlsplit
+
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    r = await call(request, "GET", f"/v1/captions/{job_id}")
+    if r.status_code != 200 or r.json()["status"] != "succeeded":
+        return Response(f"no captioned dataset {job_id}", status_code=404, media_type="text/plain")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for i, row in enumerate(r.json()["output"]["captions"]):
+            image = await call(request, "GET", urlsplit(row["url"]).path)
+            name = PurePosixPath(row["image"])
+            z.writestr(str(name), image.content)
+            z.writestr(str(name.with_suffix(".txt")), form.get(f"caption_{i}", row["caption"]).strip() + "\n")
+    up = await call(request, "POST", "/v1/files", files={"file": ("dataset.zip", buf.getvalue())})
+    if up.status_code != 201:
+        return Response(up.json().get("detail", "upload failed"), status_code=422, media_type="text/plain")
+    t = await call(request, "POST", "/v1/trainings", json={"model": form.get("model", "demo"),
+                                                           "input": training_input(form, [up.json()])})
+    if t.status_code == 201:
+        return RedirectResponse(f"/trainings/{t.json()['id']}", status_code=303)
+    return await dataset_view(request, r.json(), form, {"": t.json().get("detail", str(t.status_code))}, 422)

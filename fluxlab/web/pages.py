@@ -9,12 +9,13 @@ The forms' handlers are in web.forms, what every page shares in web.site.
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .site import FLOATS, HERE, INTS, TEXTS, call, choices, guarded, render, safe_next
+from .site import FLOATS, HERE, INTS, TEXTS, call, choices, dataset_view, guarded, render, safe_next
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -81,7 +82,10 @@ async def job_page(request: Request, job_id: str):
     else:
         progress = {"value": 1 if job["status"] == "succeeded" else 0, "max": 1, "text": job["status"]}
     images = job["output"] if isinstance(job["output"], list) else (job["output"] or {}).get("cell", [])
-    outputs = [{"id": u.rsplit("/", 1)[1], "url": u} for u in images or []]
+    # The page shows outputs by id under the visitor's own login, without the signed URL's query (which a
+    # thumbnail's ?thumb= would otherwise follow).
+    paths = [urlsplit(u).path for u in images or []]
+    outputs = [{"id": p.rsplit("/", 1)[1], "url": p} for p in paths]
     return render(request, "job.html", page="job", title=f"{kind} {job_id}", job=job, kind=kind,
                   done=job["status"] in ("succeeded", "failed", "canceled"), progress=progress, outputs=outputs,
                   grid=job["output"] if kind == "grid" else None)
@@ -158,8 +162,19 @@ async def grid_page(request: Request):
 async def train_page(request: Request):
     c = await choices(request)
     # the FLUX LoRA trainer's recipe where it fits a first run: rank 16, learning rate 4e-4
-    form = {"model": "demo", "steps": "1000", "lora_rank": "16", "learning_rate": "0.0004"}
+    form = {"model": "demo", "steps": "1000", "lora_rank": "16", "learning_rate": "0.0004", "captioner": "demo"}
     return render(request, "train.html", page="train", title="Train", form=form, errors={}, **c)
+
+
+@router.get("/datasets/{job_id}")
+@guarded
+async def dataset_page(request: Request, job_id: str):
+    """A captioned set: while its captions job runs, its progress; then each image with its caption, editable,
+    and the form that trains on them."""
+    r = await call(request, "GET", f"/v1/captions/{job_id}")
+    if r.status_code != 200:
+        return Response(f"no dataset {job_id}", status_code=404, media_type="text/plain")
+    return await dataset_view(request, r.json(), {"model": "demo"}, {})
 
 
 @router.get("/trainings/{job_id}")

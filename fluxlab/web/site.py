@@ -110,5 +110,22 @@ async def choices(request: Request) -> dict:
         m.setdefault("steps", "")
         m.setdefault("default_size", ["", ""])
     presets = sorted({p for group in BUILTIN_PRESETS.values() for p in group})
+    from ..caption.catalog import CAPTIONERS
+
+    captioners = [{"name": c.name, "description": c.description} for c in CAPTIONERS.values()]
     return {"models": models, "loras": data["loras"], "samplers": list(SAMPLERS), "aspects": ASPECTS,
-            "presets": presets, "templates": sorted(BUILTIN_TEMPLATES)}
+            "presets": presets, "templates": sorted(BUILTIN_TEMPLATES), "captioners": captioners}
+
+
+async def dataset_view(request: Request, job: dict, form: dict, errors: dict, status: int = 200) -> Response:
+    """A captions job as the dataset page shows it: progress while it runs, then each image with its caption."""
+    from urllib.parse import urlsplit
+
+    p = job.get("progress") or {}
+    progress = {"value": p.get("done", 0), "max": p.get("total", 1),
+                "text": f"{p.get('done', 0)}/{p.get('total', '?')}"}
+    output = job["output"] or {}
+    rows = [{**row, "thumb": urlsplit(row.get("url", "")).path + "?thumb=128"} for row in output.get("captions", [])]
+    return render(request, "dataset.html", status=status, page="dataset", title=f"Dataset {job['id']}", job=job,
+                  rows=rows, done=job["status"] in ("succeeded", "failed", "canceled"), progress=progress,
+                  zip=urlsplit(output.get("zip") or "").path, form=form, errors=errors, **(await choices(request)))

@@ -237,4 +237,7 @@ document.addEventListener("DOMContentLoaded", () => {
   else if (page === "job") setupJob();
   else if (page === "training") setupTraining();
   else if (page === "queue") setupQueue();
+  // A page that is waiting for a job (a dataset being captioned) reloads itself, as its <noscript> refresh does.
+  const reload = Number(document.body.dataset.reload || 0);
+  if (reload > 0) setTimeout(() => location.reload(), reload * 1000);
 });
