@@ -337,3 +337,52 @@ def build_tiny_florence2(path: str | Path, seed: int = 0) -> Path:
     processor.save_pretrained(path)
     (path / "TINY.json").write_text(json.dumps({"kind": "florence2", "seed": seed, "random_weights": True}) + "\n")
     return path
+
+
+def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2.5-VL captioner saved at `path` as a real one is laid out (config, weights, tokenizer with
+    its chat template, image processor): a word-level tokenizer with Qwen's special tokens, 1 vision block and 1
+    text layer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([*CORPUS, "describe this image in one sentence , for training an image model .",
+                             "user assistant system"], trainer=trainers.WordLevelTrainer(special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=128 * 128, patch_size=14, merge_size=2,
+                                   temporal_patch_size=2)
+    ids = {n: tokenizer.convert_tokens_to_ids(n) for n in specials}
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                       "window_size": 28, "fullatt_block_indexes": [0], "patch_size": 14, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    images.save_pretrained(path)
+    (path / "TINY.json").write_text(json.dumps({"kind": "qwen2_5_vl", "seed": seed, "random_weights": True}) + "\n")
+    return path

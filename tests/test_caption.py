@@ -277,3 +277,23 @@ def test_the_servers_trainer_autocaptions(api, tmp_path):
     used = server.data / "trainings" / job["id"] / "captions" / "dataset-0"
     assert sorted(p.read_text() for p in used.glob("*.txt")) == sorted(
         s.caption.replace("ring", "zxq") + "\n" for s in ring_scenes(6, 0))
+
+
+def test_a_qwen2_5_vl_folder_follows_its_instruction_per_image(tmp_path, capsys):
+    """A tiny random Qwen2.5-VL (built from its config): loaded with transformers' own classes, prompted through its
+    chat template with one image-pad token per merged patch (a wrong count is an error in generate), one caption
+    per image, the same for the same pixels and another for other pixels."""
+    from fluxlab.tiny import build_tiny_qwen2_5_vl
+
+    folder = build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen")
+    images = tmp_path / "set"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (220, 40, 40)).save(images / "a.png")
+    Image.new("RGB", (64, 64), (220, 40, 40)).save(images / "b.png")
+    Image.new("RGB", (96, 64), (20, 20, 20)).save(images / "c.png")
+    code, _, err = run(capsys, "caption", images, "-m", folder)
+    assert code == 0, err
+    a, b, c = ((images / f"{n}.txt").read_text() for n in "abc")
+    assert a == b and a != c and a.strip()
+    code, _, err = run(capsys, "caption", images, "-m", folder, "--detail", "detailed", "--overwrite")
+    assert code == 0, err

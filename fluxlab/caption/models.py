@@ -123,32 +123,42 @@ class Florence2(Captioner):
 
 
 class QwenVL(Captioner):
+    """Qwen2.5-VL with an instruction. Its image processor and tokenizer are used directly (the chat template, then
+    one image-pad token per merged patch), as its processor does for images: the processor also builds a video
+    processor, which needs torchvision, and a captioner has no video."""
+
     PROMPTS: ClassVar = {"short": "Describe this image in one sentence, for training an image model.",
-               "detailed": "Describe this image in one detailed paragraph (subject, colours, setting, style, "
-                           "composition), for training an image model."}
+                         "detailed": "Describe this image in one detailed paragraph (subject, colours, setting, style, "
+                                     "composition), for training an image model."}
 
     def __init__(self, source: str, name: str, device: str = "cpu"):
         import torch
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         self.name, self.device = name, device
-        self.processor = AutoProcessor.from_pretrained(source)
+        self.images = AutoImageProcessor.from_pretrained(source)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=torch.float32).to(device).eval()
 
     def caption(self, images: list, detail: str = "short") -> list[str]:
         import torch
 
+        pad = "<|image_pad|>"
         out = []
         for im in images:  # one at a time: images of different sizes give different token counts
             messages = [{"role": "user", "content": [{"type": "image"},
                                                      {"type": "text", "text": self.PROMPTS[detail]}]}]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = self.processor(text=[text], images=[im.convert("RGB")], return_tensors="pt").to(self.device)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            pixels = self.images(images=[im.convert("RGB")], return_tensors="pt")
+            count = int(pixels["image_grid_thw"][0].prod()) // self.images.merge_size ** 2
+            ids = self.tokenizer([text.replace(pad, pad * count, 1)], return_tensors="pt")
             with torch.inference_mode():
-                ids = self.model.generate(**inputs, max_new_tokens=200 if detail == "detailed" else 60,
-                                          do_sample=False)
-            new = ids[:, inputs["input_ids"].shape[1]:]
-            out.append(self.processor.batch_decode(new, skip_special_tokens=True)[0].strip())
+                gen = self.model.generate(input_ids=ids["input_ids"].to(self.device),
+                                          attention_mask=ids["attention_mask"].to(self.device),
+                                          pixel_values=pixels["pixel_values"].to(self.device),
+                                          image_grid_thw=pixels["image_grid_thw"].to(self.device),
+                                          max_new_tokens=200 if detail == "detailed" else 60, do_sample=False)
+            out.append(self.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
         return out
 
     def close(self) -> None:
