@@ -33,8 +33,12 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
         output = {kind: urls(kind) for kind in ("cell", "sheet", "csv")}
     elif job["kind"] == "caption":
         listed = store.outputs(job["id"], "captions")
-        output = {"captions": json.loads(Path(listed[0]["path"]).read_text()), "zip": urls("zip")[0]} \
-            if listed and Path(listed[0]["path"]).is_file() else None
+        output = None
+        if listed and Path(listed[0]["path"]).is_file():
+            rows = json.loads(Path(listed[0]["path"]).read_text())
+            for row, url in zip(rows, urls("dataset"), strict=False):
+                row["url"] = url
+            output = {"captions": rows, "zip": (urls("zip") or [None])[0]}
     else:
         loras = store.outputs(job["id"], "lora")
         output = {"samples": urls("sample")}

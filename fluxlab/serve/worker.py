@@ -246,11 +246,14 @@ class Worker:
         else:
             shutil.copytree(source, out / "set", dirs_exist_ok=True)
             result = caption(out / "set", plan["captioner"], events=events, cancel=self.token, **plan["options"])
-        rows = [{"image": r.image, "caption": r.caption, "status": r.status} for r in result.rows]
-        atomic_json = out / "captions.json"
-        atomic_json.write_text(json.dumps(rows, indent=1) + "\n")
+        rows = sorted(({"image": r.image, "caption": r.caption, "status": r.status} for r in result.rows),
+                      key=lambda r: r["image"])
+        listing = out / "captions.json"
+        listing.write_text(json.dumps(rows, indent=1) + "\n")
         archive = shutil.make_archive(str(out / "captioned"), "zip", out / "set")
-        self.send(job_id, "output", kind="captions", idx=0, path=str(atomic_json), seed=None)
+        for i, r in enumerate(rows):  # each image, in the listing's order (the page shows them beside the captions)
+            self.send(job_id, "output", kind="dataset", idx=i, path=str(out / "set" / r["image"]), seed=None)
+        self.send(job_id, "output", kind="captions", idx=0, path=str(listing), seed=None)
         self.send(job_id, "output", kind="zip", idx=0, path=archive, seed=None)
         return {"predict_time": round(time.perf_counter() - started, 4), "images": result.total}
 
