@@ -124,6 +124,13 @@ def unsafe_zip(p: Path) -> Path:
     return p
 
 
+def zip_bomb(p: Path) -> Path:
+    """A member that expands 1000x: 20 MB of zeros in about 20 KB."""
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("ring.png", b"\0" * 20_000_000)
+    return p
+
+
 def captioned_image(p: Path) -> Path:
     rings(p, count=1, with_captions=True)
     return p / "ring_0.png"
@@ -134,6 +141,7 @@ BAD = [  # (what, builder of the source, extra args, words in the one line)
     ("over the pixel cap", bomb_folder, (), "huge.png"),
     ("an empty folder", lambda p: p.mkdir() or p, (), "has no images"),
     ("a zip that escapes", lambda p: unsafe_zip(p.with_suffix(".zip")), (), "unsafe member path"),
+    ("a zip bomb", lambda p: zip_bomb(p.with_suffix(".zip")), (), "zip bomb"),
     ("an image model", lambda p: rings(p) and p, ("-m", "flux2-klein-4b"), "not a captioner"),
     ("remote code", lambda p: rings(p / "set") and p / "set", ("-m", "{remote}"), "remote code"),
     ("another kind of model", lambda p: rings(p / "set") and p / "set", ("-m", "{other}"), "not a captioner"),
@@ -297,3 +305,13 @@ def test_a_qwen2_5_vl_folder_follows_its_instruction_per_image(tmp_path, capsys)
     assert a == b and a != c and a.strip()
     code, _, err = run(capsys, "caption", images, "-m", folder, "--detail", "detailed", "--overwrite")
     assert code == 0, err
+
+
+def test_the_trigger_goes_in_once():
+    from fluxlab.caption.models import Captioner, DemoCaptioner
+
+    assert Captioner().with_trigger("a cat on a sofa", "zxq") == "zxq, a cat on a sofa"
+    assert Captioner().with_trigger("zxq, a cat on a sofa", "zxq") == "zxq, a cat on a sofa"
+    assert Captioner().with_trigger("a zxqy cat", "zxq") == "zxq, a zxqy cat"  # a word, not a substring
+    assert DemoCaptioner().with_trigger("a red ring on the left", "zxq") == "a red zxq on the left"
+    assert DemoCaptioner().with_trigger("a red circle on the left", "zxq") == "zxq, a red circle on the left"
