@@ -26,7 +26,7 @@ CAPTIONERS: dict[str, CaptionerSpec] = {
     c.name: c
     for c in [
         CaptionerSpec("florence-2-large", "florence-community/Florence-2-large", "florence2",
-                      "Florence-2 large (0.77B): short or detailed captions, fast on a CPU", 1.6, "mit"),
+                      "Florence-2 large (0.77B): short or detailed captions", 1.6, "mit"),
         CaptionerSpec("florence-2-base", "florence-community/Florence-2-base", "florence2",
                       "Florence-2 base (0.23B): the smallest real captioner", 0.5, "mit"),
         CaptionerSpec("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl",

@@ -38,6 +38,13 @@ def models(as_json: Annotated[bool, Opt("--json", help="Machine-readable output.
         table.add_row(r["name"], r["repo"] or "(bundled)", r["family"], str(r["steps"]), g[r["guidance_mode"]], lic,
                       size, local)
     out.print(table)
+    from ..caption.catalog import CAPTIONERS
+
+    captioners = Table("captioner", "repo", "size", "license", "what it writes")
+    for c in CAPTIONERS.values():
+        captioners.add_row(c.name, c.repo or "(bundled)", f"{c.size_gb:.1f} GB" if c.size_gb else "-", c.license,
+                           c.description)
+    out.print(captioners)
     out.print("Get one: hf download REPO (gated repos: accept the license on its page, then hf auth login).")
 
 
