@@ -629,3 +629,28 @@ def test_a_client_leaving_a_stream_leaves_no_traceback(server, tenants):
     wait(admin, job["urls"]["get"])
     log = (server.data / "server.log").read_text()
     assert "Traceback" not in log and "BrokenResourceError" not in log, log[-2000:]
+
+
+def test_a_signed_output_url_opens_that_output_only(server, tenants):
+    """A job's output URL carries its own read permission (Replicate's JavaScript client sends no token): it opens
+    that output with no token; a changed signature, another output's id under it, or an expiry moved are refused,
+    and a signature that is not hex is a 422, never a 500."""
+    from urllib.parse import parse_qs, urlsplit
+
+    alice = tenants["alice"]
+    job = alice.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "steps": 1,
+                                                                         "num_images": 2}},
+                     headers={"Prefer": "wait=60"}).json()
+    assert job["status"] == "succeeded", job
+    first, second = (urlsplit(u) for u in job["output"])
+    q = {k: v[0] for k, v in parse_qs(first.query).items()}
+    with server.client(token=None) as anonymous:
+        r = anonymous.get(first.path, params=q)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        tampered = {**q, "sig": ("0" if q["sig"][0] != "0" else "1") + q["sig"][1:]}
+        for path, params in ((first.path, tampered), (second.path, q), (first.path, {**q, "expires": "1"}),
+                             (first.path, {**q, "expires": str(int(q["expires"]) + 3600)})):
+            assert anonymous.get(path, params=params).status_code == 401, (path, params)
+        r = anonymous.get(first.path, params={**q, "sig": "é" * 32})
+        assert r.status_code == 422, r.text
+        assert anonymous.get(f"{first.path}/record", params=q).status_code == 401  # the record needs the token

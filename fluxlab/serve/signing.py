@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 
@@ -36,6 +37,6 @@ def output_url(store, base: str, out_id: str, now: float | None = None) -> str:
 
 
 def valid(store, out_id: str, expires: int | None, sig: str | None) -> bool:
-    if expires is None or sig is None or expires < time.time():
+    if expires is None or sig is None or expires < time.time() or not re.fullmatch(r"[0-9a-f]{32}", sig):
         return False
     return hmac.compare_digest(sig, _sig(store, out_id, expires))
