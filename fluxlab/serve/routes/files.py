@@ -110,7 +110,7 @@ def delete_output(output_id: str, who: Owner, srv: Srv) -> dict:
 def get_output(output_id: str, srv: Srv, request: Request,
                thumb: Annotated[int | None, Query(ge=16, le=1024)] = None,
                expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
-               sig: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")] = None,
+               sig: Annotated[str | None, Query(max_length=64)] = None,
                authorization: Annotated[str | None, Header()] = None):
     """An output: the image in the format its request asked (PNG with fluxlab's record by default; `?thumb=256`:
     a JPEG thumbnail), a LoRA file or a CSV. Readable with the owner's token, or through the signed URL a job
