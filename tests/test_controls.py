@@ -173,8 +173,12 @@ def test_ctrl_c_keeps_finished_images_and_exits_130(tiny_dirs, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = ["generate", "a red circle", "-m", tiny_dirs["flux2-klein"], "-W", 256, "-H", 256, "--steps", 8,
             "-n", 500, "--seed", 0, "--device", "cpu", "-o", out, "-q"]
+    # Started as a shell starts it: Ctrl-C at its default. A process inherits an ignored SIGINT, and Python then
+    # never turns it into KeyboardInterrupt; in two full suite runs the child kept writing images after SIGINT,
+    # which only an inherited SIG_IGN explains.
     proc = subprocess.Popen([sys.executable, "-m", "fluxlab", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and len(list(out.glob("*.png"))) >= 2):
         time.sleep(0.05)
