@@ -49,11 +49,15 @@ def _data_uri(value: str, field: str) -> tuple[bytes, str]:
 
 
 def _keep(srv: Server, who: str, kinds: tuple, field: str, data: bytes, name: str) -> dict:
-    sha = hashlib.sha256(data).hexdigest()
+    return _stored(srv, who, kinds, field, hashlib.sha256(data).hexdigest(), name, io.BytesIO(data))
+
+
+def _stored(srv: Server, who: str, kinds: tuple, field: str, sha: str, name: str, source) -> dict:
+    """The caller's upload with these bytes (sha256), or a new one read from the binary file `source`."""
     f = next((f for k in kinds if (f := srv.store.file_with(who, sha, k)) is not None), None)
     if f is None:
         try:
-            f = save_upload(srv.store, srv.settings, SimpleNamespace(filename=name, file=io.BytesIO(data)), who)
+            f = save_upload(srv.store, srv.settings, SimpleNamespace(filename=name, file=source), who)
         except UserError as e:
             raise ApiError(422, f"{field}: {e}") from None
     return own_file(srv, f["id"], who, kinds, field)
@@ -70,11 +74,5 @@ def _fetch(srv: Server, url: str, who: str, kinds: tuple, field: str) -> dict:
             raise ApiError(422, str(e)) from None
         tmp.seek(0)
         sha = hashlib.file_digest(tmp, "sha256").hexdigest()
-        f = next((f for k in kinds if (f := srv.store.file_with(who, sha, k)) is not None), None)
-        if f is None:
-            tmp.seek(0)
-            try:
-                f = save_upload(srv.store, srv.settings, SimpleNamespace(filename=name, file=tmp), who)
-            except UserError as e:
-                raise ApiError(422, f"{field}: {e}") from None
-    return own_file(srv, f["id"], who, kinds, field)
+        tmp.seek(0)
+        return _stored(srv, who, kinds, field, sha, name, tmp)

@@ -78,11 +78,12 @@ def save_upload(store: Store, settings: Settings, upload, who: str, metadata: di
     tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=settings.data))
     try:
         target = tmp / name
-        digest, size, kind = hashlib.sha256(), 0, None
+        digest, size, kind, head = hashlib.sha256(), 0, None, b""
         with open(target, "wb") as out:
             while chunk := upload.file.read(1 << 20):
                 if kind is None:
-                    kind = sniff(chunk[:16])
+                    head = chunk[:16]
+                    kind = sniff(head)
                     if kind is None:
                         raise ApiError(422, f"{name}: not a PNG, JPEG or WebP image, a zip, or a LoRA .safetensors")
                 size += len(chunk)
@@ -96,9 +97,8 @@ def save_upload(store: Store, settings: Settings, upload, who: str, metadata: di
             raise ApiError(422, f"{name} is empty")
         suffix = {"zip": (".zip",), "image": (".png", ".jpg", ".jpeg", ".webp")}.get(kind)
         if suffix and not name.lower().endswith(suffix):  # what is used by its name (a dataset) needs the right one
-            with open(target, "rb") as f:
-                head = f.read(4)
-            ext = ".zip" if kind == "zip" else ".png" if head == b"\x89PNG" else ".webp" if head == b"RIFF" else ".jpg"
+            ext = ".zip" if kind == "zip" else ".png" if head[:4] == b"\x89PNG" else ".webp" if head[:4] == b"RIFF" \
+                else ".jpg"
             name = Path(name).stem + ext
             target = target.rename(tmp / name)
         if kind == "image":
