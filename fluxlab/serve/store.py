@@ -65,6 +65,14 @@ MIGRATIONS = [
                          created_at REAL NOT NULL, PRIMARY KEY (owner, name));
     ALTER TABLE files ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'
     """,
+    # 5: several workers: a dispatched job holds a lease (which worker, a random lease id, its last heartbeat),
+    # and counts its attempts (a job a dead worker held may be queued again once).
+    """
+    ALTER TABLE jobs ADD COLUMN worker TEXT;
+    ALTER TABLE jobs ADD COLUMN lease TEXT;
+    ALTER TABLE jobs ADD COLUMN heartbeat_at REAL;
+    ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 ROLES = ("admin", "user")
 SESSION_DAYS = 14
@@ -298,6 +306,29 @@ class Store:
         cur = self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ? AND status NOT IN "
                               "('succeeded', 'failed', 'canceled')", (*fields.values(), job_id))
         return cur.rowcount > 0
+
+    def take(self, job_id: str, worker: str) -> str | None:
+        """Lease a pending job to a worker: one step, so a job is never held by two. The lease id, or None when the
+        job is no longer pending (canceled, or taken)."""
+        lease = secrets.token_hex(8)
+        now = time.time()
+        cur = self.db.execute("UPDATE jobs SET dispatched_at = ?, worker = ?, lease = ?, heartbeat_at = ?, "
+                              "attempts = attempts + 1 WHERE id = ? AND status = 'starting' AND dispatched_at IS "
+                              "NULL", (now, worker, lease, now, job_id))
+        return lease if cur.rowcount == 1 else None
+
+    def beat(self, job_id: str, lease: str) -> bool:
+        """The lease's worker is alive; False when the job is no longer held by that lease."""
+        cur = self.db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND lease = ? AND status NOT IN "
+                              "('succeeded', 'failed', 'canceled')", (time.time(), job_id, lease))
+        return cur.rowcount == 1
+
+    def requeue(self, job_id: str, lease: str) -> bool:
+        """Put a job its (lost) lease held back in the queue, at its old place."""
+        cur = self.db.execute("UPDATE jobs SET status = 'starting', dispatched_at = NULL, started_at = NULL, "
+                              "worker = NULL, lease = NULL, heartbeat_at = NULL WHERE id = ? AND lease = ? AND "
+                              "status NOT IN ('succeeded', 'failed', 'canceled')", (job_id, lease))
+        return cur.rowcount == 1
 
     def interrupt_running(self) -> list[str]:
         """At start-up: jobs left processing (or dispatched) by a server that died are failed, never re-run."""
