@@ -206,37 +206,18 @@ def test_cancel_hits_only_the_job_named(api, server):
 
 
 def test_webhooks_are_signed_and_delivered(api, server):
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from serving import free_port
+    from serving import receiver
 
     from fluxlab.serve.webhooks import verify
 
-    got = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["content-length"]))
-            got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    port = free_port()
-    httpd = HTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with receiver() as (url, got):
         r = api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "steps": 2},
-                                              "webhook": f"http://127.0.0.1:{port}/hook",
+                                              "webhook": url,
                                               "webhook_events_filter": ["start", "completed"]})
         server.wait(api, r.json()["id"])
         deadline = time.time() + 10
         while len(got) < 2 and time.time() < deadline:
             time.sleep(0.05)
-    finally:
-        httpd.shutdown()
     secret = api.get("/v1/webhooks/default/secret").json()["key"]
     assert len(got) == 2 and all(verify(secret, h, b) for h, b in got)
     assert [json.loads(b)["status"] for _, b in got] == ["processing", "succeeded"]
@@ -485,24 +466,28 @@ def test_python_client(server, tmp_path):
         assert events[-1] == "done" and "progress" in events
 
 
-def test_kill_9_with_a_running_job_and_three_queued(tmp_path, tiny_dirs):
-    """The server dies (kill -9) with one job running and three queued; restarted, the running one is failed
-    'interrupted', the three queued ones complete, and no output is duplicated or truncated."""
-    s = Server(tmp_path / "data", models={"tiny": tiny_dirs["flux2-klein"]}).start()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_with_running_jobs_and_three_queued(tmp_path, tiny_dirs, workers):
+    """The server dies (kill -9) with a job running on each worker and three queued; restarted, the running ones
+    are failed 'interrupted', the three queued ones complete, and no output is duplicated or truncated."""
+    s = Server(tmp_path / "data", models={"tiny": tiny_dirs["flux2-klein"]}, args=("--workers", str(workers))).start()
     try:
         with s.client() as api:
-            slow = api.post("/v1/predictions", json={"model": "tiny", "input": {
-                "prompt": "a cat", "width": 1536, "height": 1536, "steps": 30, "seed": 1}}).json()["id"]
+            slow = [api.post("/v1/predictions", json={"model": "tiny", "input": {
+                "prompt": "a cat", "width": 1536, "height": 1536, "steps": 30, "seed": i}}).json()["id"]
+                for i in range(workers)]
+            deadline = time.time() + 60
+            while (any(api.get(f"/v1/predictions/{i}").json()["status"] != "processing" for i in slow)
+                   and time.time() < deadline):
+                time.sleep(0.05)
             queued = [api.post("/v1/predictions", json={"model": "demo", "input": {
                 "prompt": PROMPT, "seed": i, "steps": 2}}).json()["id"] for i in range(3)]
-            deadline = time.time() + 60
-            while api.get(f"/v1/predictions/{slow}").json()["status"] != "processing" and time.time() < deadline:
-                time.sleep(0.05)
         s.kill()
         s.start()
         with s.client() as api:
-            assert api.get(f"/v1/predictions/{slow}").json()["status"] == "failed"
-            assert api.get(f"/v1/predictions/{slow}").json()["error"] == "interrupted"
+            for i in slow:
+                assert api.get(f"/v1/predictions/{i}").json()["status"] == "failed"
+                assert api.get(f"/v1/predictions/{i}").json()["error"] == "interrupted"
             done = [s.wait(api, i) for i in queued]
             assert [d["status"] for d in done] == ["succeeded"] * 3
             for d in done:

@@ -34,7 +34,8 @@ RECEIVER = "127.0.0.3"  # the one internal address the module's server may send 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("shared"), args=("--webhook-allow", RECEIVER)).start()
+    # Two workers: tenancy holds whichever worker runs a job (the server's default of one is tested in test_serve).
+    s = Server(tmp_path_factory.mktemp("shared"), args=("--webhook-allow", RECEIVER, "--workers", "2")).start()
     yield s
     s.stop()
 

@@ -108,6 +108,26 @@ def serve(
     tls_cert: Annotated[str | None, Opt("--tls-cert", help="Serve HTTPS with this certificate (PEM; with "
                                                            "--tls-key).")] = None,
     tls_key: Annotated[str | None, Opt("--tls-key", help="The certificate's private key (PEM).")] = None,
+    workers: Annotated[int | None, Opt(help="Workers taking jobs at once (default 1, or one per --devices entry); "
+                                            "on a CPU they share its cores.", min=1, max=256)] = None,
+    devices: Annotated[str | None, Opt(help="One worker per device, e.g. cuda:0,cuda:1 (local engine).")] = None,
+    engine: Annotated[str, Opt(help="local: worker processes on this machine; ray: Ray actors on a cluster.")]
+    = "local",
+    ray_address: Annotated[str | None, Opt(help="The Ray cluster to join (default: $RAY_ADDRESS, or a local "
+                                                "one).")] = None,
+    gpus_per_worker: Annotated[float, Opt(help="GPUs each Ray worker asks for.", min=0)] = 0.0,
+    cpus_per_worker: Annotated[float, Opt(help="CPUs each Ray worker asks for.", min=0.1)] = 1.0,
+    min_workers: Annotated[int | None, Opt(help="Autoscaling: the fewest workers kept.", min=1)] = None,
+    max_workers: Annotated[int | None, Opt(help="Autoscaling: workers are added while jobs wait, up to this.",
+                                           min=1, max=256)] = None,
+    affinity_wait: Annotated[float, Opt(help="Seconds a job may wait for a busy worker that has its model loaded "
+                                             "before an idle one loads it.", min=0)] = 5.0,
+    no_affinity: Annotated[bool, Opt("--no-affinity", help="Give each job the first idle worker.")] = False,
+    shared_data: Annotated[bool, Opt("--shared-data", help="Ray: the data folder is the same path on every node "
+                                                           "(else files travel through Ray).")] = False,
+    heartbeat: Annotated[float, Opt(help="Replace a worker silent this many seconds.", min=5)] = 30.0,
+    worker_idle: Annotated[float, Opt(help="Autoscaling: stop a worker beyond --min-workers idle this many "
+                                           "seconds.", min=1)] = 120.0,
 ):
     """Serve the HTTP API: predictions, trainings, files, the queue and Server-Sent Events, models kept loaded."""
     import os
@@ -134,6 +154,8 @@ def serve(
         if f is not None and not Path(f).is_file():
             raise UserError(f"{option} {f}: no such file (a PEM certificate or key)")
     resolve_device(device)
+    pool = worker_settings(workers, devices, engine, ray_address, gpus_per_worker, cpus_per_worker, min_workers,
+                           max_workers, affinity_wait, no_affinity, shared_data, heartbeat, worker_idle)
     check_bind(host, port)
     from ..serve.store import exists
 
@@ -150,17 +172,66 @@ def serve(
         raise no_token
     if store.active_tokens() == 0:
         say("no token exists yet: every route but /v1/health needs one; create one with `fluxlab token create NAME`")
+    if pool.engine == "ray":
+        from ..serve.workers import connect_ray
+
+        connect_ray(pool.ray_address)
     settings = Settings(data=store.data, models=models, runtime={"device": device}, max_models=max_models,
-                        webhook_policy=policy, allowed_hosts=allowed(host, allowed_host))
+                        webhook_policy=policy, allowed_hosts=allowed(host, allowed_host), workers=pool)
     site = create_site(settings)
     scheme = "https" if tls_cert else "http"
     out.print(escape(f"fluxlab serving on {scheme}://{host}:{port} (data: {store.data}): the page at /, the API at "
                      f"/v1, its docs at /docs"))
+    if pool.most > 1 or pool.engine != "local":
+        say(describe(pool))
     # Connections: idle keep-alive closed after 5 s, headers over 64 KB refused, at most 1000 at once (uvicorn
     # has no header-read timeout: facing the internet, put a proxy in front; see the README).
     uvicorn.run(site, host=host, port=port, log_level="warning", timeout_keep_alive=5,
                 h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1000, ssl_certfile=tls_cert,
                 ssl_keyfile=tls_key)
+
+
+def worker_settings(workers, devices, engine, ray_address, gpus, cpus, least, most, affinity_wait, no_affinity,
+                    shared_data, heartbeat, idle=120.0):
+    """The serve command's worker options, checked together (one line for a combination that means nothing)."""
+    from ..runtime.devices import resolve_device
+    from ..serve.settings import Workers
+
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine {engine!r}: valid engines are local, ray")
+    listed = tuple(d.strip() for d in devices.split(",")) if devices else ()
+    if listed and engine == "ray":
+        raise UserError("--devices is for the local engine; Ray places workers by --gpus-per-worker and "
+                        "--cpus-per-worker")
+    for d in listed:
+        if not d:
+            raise UserError(f"--devices {devices!r}: an empty entry; give a comma-separated list like cuda:0,cuda:1")
+        resolve_device(d)
+    if engine == "local":
+        for option, value, default in (("--ray-address", ray_address, None), ("--gpus-per-worker", gpus, 0.0),
+                                       ("--cpus-per-worker", cpus, 1.0), ("--shared-data", shared_data, False)):
+            if value != default:
+                raise UserError(f"{option} is for --engine ray")
+    count = workers or least or (len(listed) if listed else 1)
+    if least is not None and workers is not None and least != workers:
+        raise UserError(f"--workers {workers} and --min-workers {least}: give one (--min-workers is the fewest "
+                        f"kept while autoscaling)")
+    most = most if most is not None else count
+    if most < count:
+        raise UserError(f"--max-workers {most} is below the {count} workers started; raise it or start fewer")
+    return Workers(engine=engine, count=count, most=most, devices=listed, ray_address=ray_address,
+                   gpus_per_worker=gpus, cpus_per_worker=cpus, shared_data=shared_data, affinity=not no_affinity,
+                   affinity_wait_s=affinity_wait, heartbeat_s=heartbeat, idle_s=idle)
+
+
+def describe(pool) -> str:
+    where = (f"on Ray ({pool.cpus_per_worker:g} CPU, {pool.gpus_per_worker:g} GPU each"
+             f"{', shared data folder' if pool.shared_data else ', files through Ray'})" if pool.engine == "ray"
+             else f"on {', '.join(pool.devices)}" if pool.devices else "on this machine, sharing its cores")
+    scale = f" (up to {pool.most} while jobs wait)" if pool.most > pool.count else ""
+    affinity = (f"jobs wait up to {pool.affinity_wait_s:g} s for a worker with their model loaded" if pool.affinity
+                else "each job to the first idle worker")
+    return f"{pool.count} worker(s) {where}{scale}; {affinity}"
 
 
 @token_app.command("create")

@@ -1,5 +1,6 @@
 """The HTTP API of `fluxlab serve`: Replicate/cog-shaped predictions and trainings under /v1, files, outputs, the
-queue, Server-Sent Events and webhooks; FastAPI in one process, the models in one worker process (serve.worker).
+queue, Server-Sent Events and webhooks; FastAPI in one process, the models in worker processes or Ray actors
+(serve.worker, started and fed by serve.broker).
 
 Every route but GET /v1/health needs `Authorization: Bearer <token>`; jobs, files, outputs and LoRAs belong to the
 token that made them (anyone else gets 404), and admin tokens alone may steer the shared queue. Requests name inputs

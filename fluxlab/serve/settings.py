@@ -39,9 +39,28 @@ class Settings:
     webhook_policy: Policy = field(default_factory=Policy)  # internal addresses webhooks may reach anyway
     resolve: Callable = system_resolve  # host, port -> addresses (webhook targets)
     allowed_hosts: tuple = ()  # Host headers accepted (empty: any)
+    workers: Workers = field(default_factory=lambda: Workers())
 
     def worker(self) -> dict:
-        """What the worker process is given (plain data: it is pickled across the process boundary)."""
+        """What a worker is given (plain data: it is pickled across the process boundary)."""
         plain = {f.name: getattr(self, f.name) for f in fields(self)
-                 if f.name not in ("webhook_policy", "resolve", "allowed_hosts")}
+                 if f.name not in ("webhook_policy", "resolve", "allowed_hosts", "workers")}
         return {**plain, "data": str(self.data), "models": dict(self.models)}
+
+
+@dataclass
+class Workers:
+    """How many workers take jobs from the queue, and where they run (see serve.broker)."""
+
+    engine: str = "local"  # local: processes on this machine; ray: actors on a Ray cluster
+    count: int = 1  # started with the server (and the fewest kept)
+    most: int = 1  # the most at once (more than `count`: workers are added while jobs wait, removed when idle)
+    devices: tuple = ()  # local: one worker per device, in turn
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    shared_data: bool = False  # ray: the data folder is the same path on every node
+    affinity: bool = True  # prefer a worker that has the job's model loaded
+    affinity_wait_s: float = 5.0  # how long a job may wait for such a worker before another loads the model
+    heartbeat_s: float = 30.0  # a worker silent this long (hung, or its node gone) is replaced
+    idle_s: float = 120.0  # a worker beyond `count` idle this long is stopped

@@ -22,6 +22,7 @@ from pathlib import Path
 PROGRESS_EVERY_S = 0.25  # at most ~4 progress events a second
 PREVIEW_EVERY_S = 1.0  # a preview JPEG at most every second (previews must never slow a generation down)
 PREVIEW_SIDE = 256
+BEAT_S = 2.0  # a heartbeat this often, busy or idle: the broker replaces a worker it has not heard from in a while
 
 log = logging.getLogger("fluxlab.worker")
 
@@ -64,12 +65,27 @@ class Worker:
         self.pool = new_pool(max_models=settings.get("max_models"))
         self.jobs: queue.Queue = queue.Queue()
         self.current: str | None = None
+        self.lease: str | None = None
         self.token = None
 
     def send(self, job_id: str, event: str, **data) -> None:
+        """An event of the running job, tagged with its lease (the broker drops events of a lease it took back)."""
         if event == "done":
             data["loaded"] = [m.ref.name for m in self.pool.loaded()]
-        self.events.put({"id": job_id, "type": event, **data})
+        self.events.put({"id": job_id, "type": event, "lease": self.lease, **data})
+
+    def vitals(self) -> dict:
+        import socket
+
+        rss = None
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"pid": os.getpid(), "node": socket.gethostname(), "rss_bytes": rss, "running": self.current}
+
+    def beat(self) -> None:
+        while True:
+            time.sleep(BEAT_S)
+            self.events.put({"id": None, "type": "beat", **self.vitals()})
 
     def listen(self) -> None:
         while True:
@@ -88,7 +104,8 @@ class Worker:
 
     def loop(self) -> None:
         threading.Thread(target=self.listen, daemon=True).start()
-        self.events.put({"id": None, "type": "ready", "pid": os.getpid()})
+        threading.Thread(target=self.beat, daemon=True).start()
+        self.events.put({"id": None, "type": "ready", **self.vitals()})
         while True:
             job = self.jobs.get()
             if job is None:
@@ -100,7 +117,7 @@ class Worker:
         from ..service.events import Cancelled, CancelToken
 
         job_id = job["id"]
-        self.current, self.token = job_id, CancelToken()
+        self.current, self.lease, self.token = job_id, job.get("lease"), CancelToken()
         t0 = time.perf_counter()
         try:
             run = {"training": self.train, "batch": self.batch, "grid": self.grid,
@@ -117,7 +134,7 @@ class Worker:
             self.send(job_id, "done", status="failed", error=f"internal error: {type(e).__name__}: {e}",
                       metrics={})
         finally:
-            self.current, self.token = None, None
+            self.current, self.lease, self.token = None, None, None
 
     # -- predictions ----------------------------------------------------------------------------------
     def predict(self, job: dict) -> dict:
@@ -299,8 +316,17 @@ class Worker:
 
 def main(commands, events, settings: dict) -> None:
     """The worker process's entry point (multiprocessing spawn target)."""
+    from ..runtime.threads import child_env
+
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops the worker
-    logging.basicConfig(filename=str(Path(settings["data"]) / "worker.log"), level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    # Before torch loads: N workers on one machine share its cores (each its part, not every core each).
+    os.environ.update(child_env(settings.get("share", 1)))
+    log_to(settings)
     Worker(commands, events, settings).loop()
+
+
+def log_to(settings: dict) -> None:
+    name = f"worker-{settings['slot']}.log" if settings.get("slot") not in (None, "w0") else "worker.log"
+    logging.basicConfig(filename=str(Path(settings["data"]) / name), level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")

@@ -16,21 +16,30 @@ health = APIRouter(tags=["health"])
 
 @queue.get("")
 def get_queue(who: Who, srv: Srv, request: Request) -> dict:
-    """The running job and the pending ones in order; other owners' jobs without their details (an admin sees
-    them all)."""
+    """The running jobs (one per busy worker: `workers`) and the pending ones in order; other owners' jobs without
+    their details (an admin sees them all). `running` is the first running job, as with one worker."""
     store, broker = srv.store, srv.broker
-    running = store.job(broker.running) if broker.running else None
+
+    def shown(job: dict | None) -> dict | None:
+        if job is None:
+            return None
+        if job["owner"] == who.name or who.admin:
+            return {**render(srv, job, base(request)), "owner": job["owner"], "mine": job["owner"] == who.name}
+        return {"kind": job["kind"], "mine": False}
+
     pending = []
     for i, job in enumerate(store.pending(), start=1):
         seen = job["owner"] == who.name or who.admin
         pending.append({**render(srv, job, base(request)), "owner": job["owner"], "mine": job["owner"] == who.name}
                        if seen else {"queue_position": i, "kind": job["kind"], "mine": False})
-    shown = running is not None and (running["owner"] == who.name or who.admin)
-    return {"paused": broker.paused,
-            "running": {**render(srv, running, base(request)), "owner": running["owner"],
-                        "mine": running["owner"] == who.name} if shown else
-            ({"kind": running["kind"], "mine": False} if running else None),
-            "pending": pending}
+    workers = []
+    for w in broker.worker_info():
+        job = shown(store.job(w["running"])) if w["running"] else None
+        workers.append({"name": w["name"], "device": w["device"], "ready": w["ready"], "job": job,
+                        **({"loaded": w["loaded"], "node": w["node"], "rss_bytes": w["rss_bytes"]} if who.admin
+                           else {})})
+    running = next((w["job"] for w in workers if w["job"] is not None), None)
+    return {"paused": broker.paused, "running": running, "workers": workers, "pending": pending}
 
 
 @queue.post("/pause")
@@ -61,13 +70,16 @@ def rotate_webhook_secret(who: Owner, srv: Srv) -> dict:
 
 @health.get("/v1/health")
 async def get_health(srv: Srv, request: Request, authorization: Annotated[str | None, Header()] = None) -> dict:
-    """Needs no token: whether the server is up and its worker ready. With an admin token, the worker's process,
-    memory and job, and the queue. Run on the event loop, not the thread pool: under a burst of submissions it
+    """Needs no token: whether the server is up and a worker ready. With an admin token, each worker (engine,
+    device, node, process, memory, models loaded, the job it runs), the queue, and how long replacing a dead worker
+    took. Run on the event loop, not the thread pool: under a burst of submissions it
     answers without waiting its turn behind them (a WAL read never blocks)."""
     ready = {"status": "ok", "ready": srv.broker.ready}
     name = bearer_owner(srv, authorization)
     if name is None or srv.store.role(name) != "admin":
         return ready
-    return {**ready, "version": __version__, "worker": srv.broker.worker_info(), "pending": srv.store.pending_count(),
+    workers = srv.broker.worker_info()
+    return {**ready, "version": __version__, "worker": workers[0] if workers else None, "workers": workers,
+            "replacements_s": srv.broker.replacements[-20:], "pending": srv.store.pending_count(),
             "paused": srv.broker.paused, "webhooks": {"delivered": srv.broker.webhooks.delivered,
                                                      "refused": srv.broker.webhooks.refused}}
