@@ -51,9 +51,8 @@ def test_a_job_waits_for_its_busy_worker_and_later_jobs_pass_it_meanwhile():
     # two jobs of one model and two idle workers: the second waits for the first's worker instead of reloading
     workers = [WorkerView("w0", True, frozenset({"a"})), WorkerView("w1", True, frozenset({"b"}))]
     assert assign([job(1, "a"), job(2, "a")], workers, {}, 5) == ([("j1", "w0")], ["j2"])
-    # but only one job per busy worker waits: a third loads the model on the idle worker
-    assert assign([job(1, "a"), job(2, "a"), job(3, "a")], workers, {}, 5) == ([("j1", "w0"), ("j3", "w1")], ["j2"])
-    # ... unless a job behind has its model on that idle worker: then it waits too, and that job takes the worker
+    # every job of a busy worker's model waits (within the bound), and a job behind with its model on the idle
+    # worker takes it
     workers = [WorkerView("w0", False, frozenset({"a"})), WorkerView("w1", True, frozenset({"b"}))]
     assert assign([job(1, "a"), job(2, "a"), job(3, "b")], workers, {}, 5) == ([("j3", "w1")], ["j1", "j2"])
 
@@ -375,6 +374,7 @@ def test_workers_are_added_while_jobs_wait_and_stopped_when_idle(tmp_path):
     (("--workers", "3", "--max-workers", "2"), "--max-workers 2 is below the 3 workers"),
     (("--engine", "spark"), "--engine 'spark'"),
     (("--engine", "ray", "--devices", "cuda:0"), "--devices is for the local engine"),
+    (("--engine", "ray", "--ray-address", "127.0.0.1:1"), "--ray-address 127.0.0.1:1: nothing answers there"),
 ])
 def test_worker_options_that_mean_nothing_are_one_line(tmp_path, capsys, args, words):
     code, _, err = run(capsys, "serve", "--data", tmp_path / "d", "--port", free_port(), *args)

@@ -157,6 +157,13 @@ def serve(
     pool = worker_settings(workers, devices, engine, ray_address, gpus_per_worker, cpus_per_worker, min_workers,
                            max_workers, affinity_wait, no_affinity, shared_data, heartbeat, worker_idle)
     check_bind(host, port)
+    if pool.engine == "ray":
+        from ..serve.workers import connect_ray, ray_room
+
+        connect_ray(pool.ray_address)
+        room = ray_room(pool.count, pool.cpus_per_worker, pool.gpus_per_worker)
+        if room:
+            say(room)
     from ..serve.store import exists
 
     no_token = UserError(f"refusing to listen on {host} with no token: anyone could use the server; create one with "
@@ -172,10 +179,6 @@ def serve(
         raise no_token
     if store.active_tokens() == 0:
         say("no token exists yet: every route but /v1/health needs one; create one with `fluxlab token create NAME`")
-    if pool.engine == "ray":
-        from ..serve.workers import connect_ray
-
-        connect_ray(pool.ray_address)
     settings = Settings(data=store.data, models=models, runtime={"device": device}, max_models=max_models,
                         webhook_policy=policy, allowed_hosts=allowed(host, allowed_host), workers=pool)
     site = create_site(settings)

@@ -4,9 +4,8 @@ without processes.
 The queue's order stands (priority, then arrival). Among idle workers a job prefers one that has its model loaded.
 When none of the idle ones has it but a busy one does, the job waits for that one, up to the operator's bound
 (`--affinity-wait`), and jobs behind it may take the idle workers meanwhile: a reload costs a FLUX model tens of
-seconds, a short wait costs less. As many jobs of a model wait as there are busy workers that have it (each will
-take one); more of them wait only while the idle workers have models that jobs behind them want, and otherwise load
-the model on an idle worker, so a long queue of one model uses every worker.
+seconds, a short wait costs less. Past the bound the job loads its model on an idle worker, so a long queue of one
+model still comes to use every worker (the second then has the model too).
 A job that must go cold takes the idle worker whose loaded models the rest of the queue wants least (then the one
 with the fewest loaded). Models are matched by the pool's key (the base model's name); LoRAs switch on a loaded
 base in well under a second, so they are not part of the match.
@@ -39,7 +38,6 @@ def assign(pending: list[dict], workers: list[WorkerView], waited: dict[str, flo
     their model. `waited`: seconds each job has been held back so far."""
     free = [w for w in workers if w.idle]
     busy = Counter(m for w in workers if not w.idle for m in w.loaded)  # model -> busy workers that have it
-    waiting: Counter = Counter()
     picks, held = [], []
     for i, job in enumerate(pending):
         if not free:
@@ -51,16 +49,12 @@ def assign(pending: list[dict], workers: list[WorkerView], waited: dict[str, flo
             warm = [w for w in free if model is not None and model in w.loaded]
             if warm:
                 chosen = warm[0]
+            elif model is not None and busy[model] > 0 and waited.get(job["id"], 0.0) < wait_s:
+                held.append(job["id"])  # a busy worker has it: wait for one to free up, within the bound
+                continue
             else:
                 later = [model_of(j) for j in pending[i + 1:]]
                 chosen = min(free, key=lambda w: (sum(m in w.loaded for m in later), len(w.loaded)))
-                patient = model is not None and busy[model] > 0 and waited.get(job["id"], 0.0) < wait_s
-                # wait for a busy worker that has the model: one job per such worker, or more while every idle
-                # worker is wanted by a job behind that has its model there
-                if patient and (waiting[model] < busy[model] or any(m in chosen.loaded for m in later)):
-                    waiting[model] += 1
-                    held.append(job["id"])
-                    continue
         free.remove(chosen)
         picks.append((job["id"], chosen.name))
         if model is not None:

@@ -197,15 +197,50 @@ def connect_ray(address: str | None) -> None:
         raise UserError("--engine ray needs Ray: pip install 'fluxlab[ray]'") from None
     if ray.is_initialized():
         return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target and target != "auto" and "://" not in target:
+        reachable(target)  # ray.init would retry a dead address for minutes
     from ..batch.engines import quiet_ray
 
     try:
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
+        auth = ("" if os.environ.get("RAY_AUTH_MODE") else "; a cluster with token authentication also needs "
+                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) here")
         raise UserError(f"--ray-address {address}: no Ray cluster answers there ({str(e).splitlines()[0]}); start "
-                        f"one with `ray start --head` or leave --ray-address out for a local one") from None
+                        f"one with `ray start --head` or leave --ray-address out for a local one{auth}") from None
     quiet_ray()
+
+
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """HOST:PORT accepts connections, or one line."""
+    import socket
+
+    from ..errors import UserError
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise UserError(f"--ray-address {address!r}: give HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379), or "
+                        f"auto") from None
+    except OSError as e:
+        raise UserError(f"--ray-address {address}: nothing answers there ({e.strerror or e}); start the head with "
+                        f"`ray start --head`, or leave --ray-address out for a local cluster") from None
+
+
+def ray_room(count: int, cpus: float, gpus: float) -> str | None:
+    """A note when the cluster has less room now than the workers ask for (they wait for nodes to join)."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpu, gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if cpu >= count * cpus and gpu >= count * gpus:
+        return None
+    return (f"the Ray cluster has {cpu:g} CPUs and {gpu:g} GPUs now; {count} workers ask for {count * cpus:g} and "
+            f"{count * gpus:g}: those that do not fit start when nodes join")
 
 
 HANDLES = {"local": LocalWorker, "ray": RayWorker}
