@@ -11,13 +11,15 @@ W, H = 96, 64  # non-square on purpose: catches swapped height/width anywhere
 SEEDS = (11, 12)
 
 
-def _reference(kind, path, steps, guidance, negative=None):
-    from diffusers import DiffusionPipeline
+def _reference(kind, path, steps, guidance, negative=None, cache=None, seeds=SEEDS):
+    from diffusers import DiffusionPipeline, FirstBlockCacheConfig
 
     ref = DiffusionPipeline.from_pretrained(path)
     ref.set_progress_bar_config(disable=True)
+    if cache is not None:
+        ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache))
     kw = dict(prompt=PROMPT, height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
-              num_images_per_prompt=len(SEEDS))
+              num_images_per_prompt=len(seeds))
     if kind.startswith("flux2"):
         kw["text_encoder_out_layers"] = (1, 2, 3)  # L/4, L/2, 3L/4 of the tiny 4-layer encoder
         if negative is not None:
@@ -27,7 +29,7 @@ def _reference(kind, path, steps, guidance, negative=None):
         kw["max_sequence_length"] = 256 if kind == "flux1-schnell" else 512
 
     def run(output_type):
-        gens = [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         return ref(generator=gens, output_type=output_type, **kw).images
 
     lat = run("latent")
@@ -71,6 +73,29 @@ def test_latents_and_pixels_match_diffusers(tiny_dirs, tiny_pipes, kind, steps, 
         b = np.asarray(im, dtype=np.int16)
         assert a.shape == (H, W, 3)
         assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("kind,guidance,threshold", [("flux1-dev", 3.5, 0.3), ("flux1-schnell", 0.0, 0.9)])
+def test_first_block_cache_is_diffusers_and_leaves_the_model_as_it_was(tiny_dirs, tiny_pipes, kind, guidance,
+                                                                      threshold):
+    """--cache fbc:T on our loop equals diffusers' pipeline with the same FirstBlockCacheConfig, image by image (the
+    cache decides per forward batch: one image, so an image depends on its seed alone); the pooled model runs
+    uncached afterwards exactly as before."""
+    pipe, steps = tiny_pipes[kind], 8
+    fields = dict(prompt=PROMPT, width=W, height=H, steps=steps, seed=SEEDS[1])
+    if pipe.spec.guidance_mode != "none":
+        fields["guidance"] = guidance
+    cached = pipe.generate(**fields, cache=f"fbc:{threshold}")
+    plain = pipe.generate(**fields)
+    ref_latents, ref_images = _reference(kind, tiny_dirs[kind], steps, guidance, cache=threshold, seeds=SEEDS[1:])
+    got = torch.cat([r.latents for r in cached])
+    assert (got - ref_latents).abs().max().item() <= 1e-5
+    for r, im in zip(cached, ref_images, strict=True):
+        assert np.abs(np.asarray(r.image, dtype=np.int16) - np.asarray(im, dtype=np.int16)).max() <= 1
+    assert (got - torch.cat([r.latents for r in plain])).abs().max().item() > 1e-3  # steps were skipped
+    plain_ref, _ = _reference(kind, tiny_dirs[kind], steps, guidance, seeds=SEEDS[1:])
+    assert (torch.cat([r.latents for r in plain]) - plain_ref).abs().max().item() <= 1e-5
+    assert cached[0].metadata["request"]["cache"] == f"fbc:{threshold:g}"  # recorded: --from makes it again
 
 
 def test_negative_prompt_changes_base_output(tiny_pipes):

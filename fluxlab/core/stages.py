@@ -117,13 +117,16 @@ def denoise(model, job: Job, x, img_ids, cond: Conditioning, uncond: Conditionin
     from .sampling import get_sampler
 
     family, guidance, device = model.family, job.guidance, model.device
+    context = step_cache(model, job.cache)
 
     def velocity(x, sigma):
         # The reference feeds the model sigma*1000 (float32), cast to the latents' dtype, then /1000.
         t = (sigma * 1000).expand(x.shape[0]).to(x.dtype)
-        v = family.velocity(x, t, cond, img_ids, guidance, refs, extra)
+        with context("cond"):
+            v = family.velocity(x, t, cond, img_ids, guidance, refs, extra)
         if uncond is not None:  # real CFG: a second pass with the negative prompt
-            v_u = family.velocity(x, t, uncond, img_ids, guidance, refs, extra)
+            with context("uncond"):
+                v_u = family.velocity(x, t, uncond, img_ids, guidance, refs, extra)
             v = v_u + guidance * (v - v_u)
         return v
 
@@ -140,7 +143,31 @@ def denoise(model, job: Job, x, img_ids, cond: Conditioning, uncond: Conditionin
     def noise(i, shape):  # fresh noise for stochastic samplers, continuing each image's own generator
         return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
 
-    return get_sampler(job.sampler)(velocity, x, sigmas, callback=callback, noise=noise, eta=job.eta, post=post)
+    try:
+        return get_sampler(job.sampler)(velocity, x, sigmas, callback=callback, noise=noise, eta=job.eta, post=post)
+    finally:
+        if job.cache:
+            transformer = model.components.transformer
+            transformer._reset_stateful_cache()
+            transformer.disable_cache()  # the pooled model serves the next job as it was
+
+
+def step_cache(model, cache: str | None):
+    """diffusers' step-cache hooks on the transformer for one denoising run (`cache` "fbc:T": First Block Cache),
+    and the context each transformer call runs in: "cond" and "uncond" calls keep their own cached residuals, as
+    diffusers' pipelines name them. Off (None): a context that does nothing, so every pixel is as before."""
+    import contextlib
+
+    if not cache:
+        return lambda name: contextlib.nullcontext()
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from ..spec.values import parse_cache
+
+    _, threshold = parse_cache(cache)
+    transformer = model.components.transformer
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    return transformer.cache_context
 
 
 def decode(model, x, job: Job):

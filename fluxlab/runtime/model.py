@@ -249,6 +249,11 @@ class LoadedModel:
         from .memory import Plan, make_plan
         from .profile import load_profile
 
+        if job.cache:  # the cache decides per forward pass: one image each, so an image depends on its seed alone
+            if batch_size and batch_size > 1:
+                self.notify(f"--cache {job.cache} runs one image per forward pass; --batch-size {batch_size} is not "
+                            f"used")
+            batch_size = 1
         wanted = batch_size or min(len(job.seeds), 16)
         if self.budget is None and self.device.type != "cuda":
             # Nothing to plan against: keep the placement in force (resident unless set_plan chose one).

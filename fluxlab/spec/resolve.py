@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import UserError
 from .families import RULES, SIZE_MULTIPLE
 from .request import FileRef, GenerateRequest
-from .values import ASPECTS, MAX_IMAGES, MAX_SEED, MAX_STEPS, parse_schedule
+from .values import ASPECTS, MAX_IMAGES, MAX_SEED, MAX_STEPS, parse_cache, parse_schedule
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Job:
     strength: float | None = None
     mask: object = None  # ImageInfo
     notices: tuple[str, ...] = field(default=(), compare=False)
+    cache: str | None = None  # "fbc:T": step caching (core.stages.denoise)
 
     @property
     def prompt(self) -> str:
@@ -66,7 +67,7 @@ class Job:
             prompt=prompt, negative=self.negative, width=self.width, height=self.height, steps=self.steps,
             guidance=self.guidance, seed=seed, sampler=self.sampler, schedule=self.schedule,
             eta=self.eta or None, images=[ref(i) for i in self.images] or None, init=ref(self.init),
-            strength=self.strength, mask=ref(self.mask),
+            strength=self.strength, mask=ref(self.mask), cache=self.cache,
         )
 
 
@@ -165,6 +166,14 @@ def resolve(req: GenerateRequest, spec) -> Job:
     elif req.eta is not None:
         notices.append(f"sampler {sampler} is deterministic; --eta {req.eta:g} is ignored")
 
+    cache = parse_cache(req.cache)
+    if cache is not None and spec.family.startswith("flux2"):
+        raise UserError(f"--cache {req.cache}: diffusers' First Block Cache does not run FLUX.2 transformers yet (its "
+                        f"blocks return another shape: diffusers issue 14280); it runs with the FLUX.1 models")
+    if cache is not None and spec.distilled and steps <= 8:
+        notices.append(f"{spec.name} runs {steps} steps: First Block Cache rarely skips one so few (each step changes "
+                       f"the image a lot); --cache {req.cache} is kept")
+
     if strength is not None:
         kept = kept_steps(steps, strength)
         if kept < 1:
@@ -174,7 +183,7 @@ def resolve(req: GenerateRequest, spec) -> Job:
             notices.append(f"img2img at strength {strength:g} runs the last {kept} of {steps} steps")
     seeds = _seeds(req, len(prompts))
     return Job(tuple(prompts), negative, width, height, steps, guidance, seeds, sampler, schedule, eta, tuple(refs),
-               init, strength, mask, tuple(notices))
+               init, strength, mask, tuple(notices), cache=f"{cache[0]}:{cache[1]:g}" if cache else None)
 
 
 def kept_steps(steps: int, strength: float) -> int:

@@ -21,6 +21,25 @@ MAX_STEPS = 500
 MAX_IMAGES = 1000
 
 
+CACHE_THRESHOLD = 0.05  # First Block Cache's default: diffusers' FirstBlockCacheConfig (see bench/RESULTS.md)
+
+
+def parse_cache(text: str | None) -> tuple[str, float] | None:
+    """'fbc' | 'fbc:T' | 'none' -> ('fbc', T) or None."""
+    if text is None or text == "none":
+        return None
+    kind, _, value = text.partition(":")
+    if kind == "fbc":
+        try:
+            t = float(value) if value else CACHE_THRESHOLD
+        except ValueError:
+            t = float("nan")
+        if not math.isfinite(t) or not 0 < t <= 1:
+            raise UserError(f"cache {text!r}: the threshold must be a number above 0 and at most 1, e.g. fbc:0.05")
+        return "fbc", t
+    raise UserError(f"unknown cache {text!r}; valid: fbc, fbc:THRESHOLD (e.g. fbc:0.1), none")
+
+
 def parse_schedule(text: str) -> tuple[str, float | None]:
     """'default' | 'linear' | 'shift:S' -> (kind, S)."""
     if text in ("default", "linear"):
