@@ -98,6 +98,46 @@ def test_first_block_cache_is_diffusers_and_leaves_the_model_as_it_was(tiny_dirs
     assert cached[0].metadata["request"]["cache"] == f"fbc:{threshold:g}"  # recorded: --from makes it again
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.9])
+def test_our_first_block_cache_is_diffusers_hook_where_both_run(tiny_dirs, threshold):
+    """core.stepcache (written for FLUX.2, which diffusers' hook cannot run) gives diffusers' hook's latents on
+    FLUX.1, run by diffusers' own pipeline; removed, the transformer is as before."""
+    from diffusers import DiffusionPipeline, FirstBlockCacheConfig
+
+    from fluxlab.core.stepcache import FirstBlockCache
+
+    def pipeline():
+        pipe = DiffusionPipeline.from_pretrained(tiny_dirs["flux1-dev"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(pipe):
+        return pipe(prompt=PROMPT, height=H, width=W, num_inference_steps=8, guidance_scale=3.5,
+                    generator=torch.Generator("cpu").manual_seed(SEEDS[0]), output_type="latent",
+                    max_sequence_length=512).images
+
+    theirs = pipeline()
+    theirs.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    ours = pipeline()
+    cache = FirstBlockCache(ours.transformer, threshold).install()
+    cached = run(ours)
+    assert torch.equal(cached, run(theirs))
+    cache.remove()
+    plain = run(ours)
+    assert not torch.equal(cached, plain) and torch.equal(plain, run(pipeline()))
+
+
+def test_step_cache_on_flux2_keeps_cond_and_uncond_apart_and_leaves_the_model_as_it_was(tiny_pipes):
+    pipe = tiny_pipes["flux2-klein-base"]  # real CFG: "cond" and "uncond" calls each keep their own state
+    fields = dict(prompt=PROMPT, width=W, height=H, steps=8, seed=SEEDS[0], guidance=4.0)
+    before = pipe.generate(**fields)[0].latents
+    never = pipe.generate(**fields, cache="fbc:1e-9")[0].latents  # a threshold nothing is under: every block runs
+    assert torch.equal(never, before)
+    cached = [pipe.generate(**fields, cache="fbc:0.9")[0].latents for _ in range(2)]
+    assert torch.equal(cached[0], cached[1]) and not torch.equal(cached[0], before)  # skipped; state reset per run
+    assert torch.equal(pipe.generate(**fields)[0].latents, before)
+
+
 def test_negative_prompt_changes_base_output(tiny_pipes):
     """Real CFG really uses the negative prompt (guards against it being dropped on the way)."""
     pipe = tiny_pipes["flux2-klein-base"]

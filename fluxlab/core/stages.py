@@ -146,28 +146,45 @@ def denoise(model, job: Job, x, img_ids, cond: Conditioning, uncond: Conditionin
     try:
         return get_sampler(job.sampler)(velocity, x, sigmas, callback=callback, noise=noise, eta=job.eta, post=post)
     finally:
-        if job.cache:
-            transformer = model.components.transformer
-            transformer._reset_stateful_cache()
-            transformer.disable_cache()  # the pooled model serves the next job as it was
+        context.close()
 
 
-def step_cache(model, cache: str | None):
-    """diffusers' step-cache hooks on the transformer for one denoising run (`cache` "fbc:T": First Block Cache),
-    and the context each transformer call runs in: "cond" and "uncond" calls keep their own cached residuals, as
-    diffusers' pipelines name them. Off (None): a context that does nothing, so every pixel is as before."""
-    import contextlib
+class step_cache:
+    """Step caching on the transformer for one denoising run (`cache` "fbc:T": First Block Cache), and the context
+    each transformer call runs in: "cond" and "uncond" calls keep their own cached residuals, as diffusers'
+    pipelines name them. diffusers' hook on FLUX.1; on FLUX.2, which that hook cannot run, core.stepcache. Off
+    (None): contexts that do nothing, so every pixel is as before. `close()` leaves the pooled model as it was."""
 
-    if not cache:
-        return lambda name: contextlib.nullcontext()
-    from diffusers.hooks import FirstBlockCacheConfig
+    def __init__(self, model, cache: str | None):
+        self.transformer, self.own = model.components.transformer, None
+        self.on = bool(cache)
+        if not cache:
+            return
+        from ..spec.values import parse_cache
 
-    from ..spec.values import parse_cache
+        _, threshold = parse_cache(cache)
+        if model.family.family == "flux2":
+            from .stepcache import FirstBlockCache
 
-    _, threshold = parse_cache(cache)
-    transformer = model.components.transformer
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    return transformer.cache_context
+            self.own = FirstBlockCache(self.transformer, threshold).install()
+        else:
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            self.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+    def __call__(self, name: str):
+        import contextlib
+
+        if not self.on:
+            return contextlib.nullcontext()
+        return self.own.context(name) if self.own is not None else self.transformer.cache_context(name)
+
+    def close(self) -> None:
+        if self.own is not None:
+            self.own.remove()
+        elif self.on:
+            self.transformer._reset_stateful_cache()
+            self.transformer.disable_cache()
 
 
 def decode(model, x, job: Job):

@@ -83,7 +83,7 @@ class GenerateRequest(Strict):
     eta: float | None = Field(None, **_cli("--eta", help="Re-noising for stochastic samplers, 0..1 (default 1)."))
     cache: str | None = Field(None, **_cli("--cache", help=(
         "Step caching: fbc[:THRESHOLD] (First Block Cache: a step whose first block changes its output by less than "
-        "THRESHOLD, default 0.05, reuses the other blocks' last change; faster, pixels move) | none (default).")))
+        "THRESHOLD, default 0.1, reuses the other blocks' last change; faster, pixels move) | none (default).")))
     preset: str | None = Field(None, **_cli("--preset", help="preview | balanced | quality, or a saved preset."))
     template: str | None = Field(None, **_cli("--template", help="Prompt template: photo, oil-painting, ... or a "
                                                                   "saved one."))

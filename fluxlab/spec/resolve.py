@@ -167,9 +167,6 @@ def resolve(req: GenerateRequest, spec) -> Job:
         notices.append(f"sampler {sampler} is deterministic; --eta {req.eta:g} is ignored")
 
     cache = parse_cache(req.cache)
-    if cache is not None and spec.family.startswith("flux2"):
-        raise UserError(f"--cache {req.cache}: diffusers' First Block Cache does not run FLUX.2 transformers yet (its "
-                        f"blocks return another shape: diffusers issue 14280); it runs with the FLUX.1 models")
     if cache is not None and spec.distilled and steps <= 8:
         notices.append(f"{spec.name} runs {steps} steps: First Block Cache rarely skips one so few (each step changes "
                        f"the image a lot); --cache {req.cache} is kept")
