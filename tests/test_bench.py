@@ -13,9 +13,9 @@ from fluxlab.service.bench import find_max
 def test_bench_writes_a_profile(tiny_dirs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLUXLAB_CONFIG_DIR", str(tmp_path))
     code, out, err = run(capsys, "bench", "-m", tiny_dirs["flux2-klein"], "--sizes", "64,96", "--steps", 2,
-                         "--device", "cpu")
+                         "--device", "cpu", "--cache", "fbc:0.2")
     assert code == 0, err
-    assert "64x64" in out and "96x96" in out
+    assert "64x64" in out and "96x96" in out and out.count("fbc:0.2") == 2  # a cached row beside each size
     profile = json.loads((tmp_path / "hardware.json").read_text())
     sizes = [(m["width"], m["steps"]) for m in profile["measurements"]]
     assert sizes == [(64, 2), (96, 2)]

@@ -91,6 +91,9 @@ def bench(
     memory: Annotated[str, Opt(help="Memory plan: auto | speed | balanced | low.")] = "auto",
     dtype: Annotated[str, Opt()] = "auto",
     device: Annotated[str, Opt()] = "auto",
+    cache: Annotated[list[str] | None, Opt("--cache", help="Also time each size with step caching, e.g. fbc:0.1 "
+                                                          "(repeatable): a row per cache beside the plain one.")]
+    = None,
 ):
     """Time a model on this machine: phases, it/s, peak memory; --find-max; saves a hardware profile."""
     from rich.table import Table
@@ -102,6 +105,9 @@ def bench(
 
     if batch < 1:
         raise UserError(f"--batch {batch} is invalid; it must be 1 or more")
+    from ..spec.values import parse_cache
+
+    caches = [c for c in (cache or []) if parse_cache(c) is not None]
     spec = locate(model).spec
     size_list = parse_int_list(sizes, "--sizes") if sizes else (default_sizes(spec) if spec else [512, 1024])
     if not size_list:
@@ -114,21 +120,23 @@ def bench(
     pipe = load(model, device=device, dtype=dtype, notify=say, memory=memory, budget=budget)
     measure(pipe, min(size_list), 1, 1)  # warm-up: loads the models and fills caches; not reported
     table = Table(title=f"{pipe.label} on {pipe.device}", title_justify="left")
-    for name in ("size", "batch", "encode s", "denoise s", "decode s", "total s", "it/s", "peak host GB",
+    for name in ("size", "batch", "cache", "encode s", "denoise s", "decode s", "total s", "it/s", "peak host GB",
                  "peak device GB"):
         table.add_column(name, no_wrap=True)
 
     def row(m):
         s = m.seconds
-        table.add_row(f"{m.width}x{m.height}", str(m.batch), f"{s['encode']:.2f}", f"{s['denoise']:.2f}",
-                      f"{s['decode']:.2f}", f"{s['total']:.2f}", f"{m.it_per_s or 0:.2f}", f"{m.peak_host_gb:.2f}",
-                      "-" if m.peak_device_gb is None else f"{m.peak_device_gb:.2f}")
+        table.add_row(f"{m.width}x{m.height}", str(m.batch), m.cache or "-", f"{s['encode']:.2f}",
+                      f"{s['denoise']:.2f}", f"{s['decode']:.2f}", f"{s['total']:.2f}", f"{m.it_per_s or 0:.2f}",
+                      f"{m.peak_host_gb:.2f}", "-" if m.peak_device_gb is None else f"{m.peak_device_gb:.2f}")
 
     runs = []
     for size in size_list:
         m = measure(pipe, size, batch, steps)
         runs.append(m)
         row(m)
+        for c in caches:  # not in the profile: it describes the machine, the cache the request
+            row(measure(pipe, size, batch, steps, cache=c))
     max_size = max_batch = None
     if find_max:
         from ..runtime.executor import device_budget

@@ -28,6 +28,7 @@ class Measurement:
     peak_host_gb: float
     peak_device_gb: float | None
     ok: bool = True
+    cache: str | None = None
 
 
 def default_sizes(spec) -> list[int]:
@@ -37,21 +38,22 @@ def default_sizes(spec) -> list[int]:
     return [half, d] if half < d else [d, min(2 * d, spec.max_side)]
 
 
-def measure(pipe, size: int, batch: int = 1, steps: int | None = None, seed: int = 0) -> Measurement:
-    """Time one generation on a loaded api.Pipeline: phases, it/s, peak memory."""
+def measure(pipe, size: int, batch: int = 1, steps: int | None = None, seed: int = 0,
+            cache: str | None = None) -> Measurement:
+    """Time one generation on a loaded api.Pipeline: phases, it/s, peak memory (with step caching: `cache`)."""
     from ..runtime.monitor import PeakMemory
 
     with PeakMemory(pipe.device) as peak:
         t0 = time.perf_counter()
         results = pipe.generate(prompt="a lighthouse on a cliff at dusk", width=size, height=size, steps=steps,
-                                seed=seed, num_images=batch, batch_size=batch)
+                                seed=seed, num_images=batch, batch_size=batch, cache=cache)
         total = time.perf_counter() - t0
     t = results[0].timings
     secs = {k: t.get(k, 0.0) for k in ("encode", "prepare", "denoise", "decode")}
     secs["total"] = round(total, 3)
     return Measurement(size, size, batch, results[0].metadata["request"]["steps"], secs, t.get("it_per_s"),
                        round(peak.host_peak / GB, 3),
-                       None if peak.device_peak is None else round(peak.device_peak / GB, 3))
+                       None if peak.device_peak is None else round(peak.device_peak / GB, 3), cache=cache)
 
 
 def find_max(pipe, budget: int, steps: int | None = None, on_try=None) -> tuple[int | None, int | None, list]:
