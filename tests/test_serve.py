@@ -128,6 +128,11 @@ def test_a_training_canceled_keeps_its_checkpoint_and_resumes(api, server, tmp_p
     assert state.is_file()
     again = api.post(f"/v1/trainings/{job_id}/resume")
     assert again.status_code == 200 and again.json()["status"] == "starting"
+    # the resumed run is a new phase: its stream says so and ends with this phase's outcome, not the canceled one
+    resumed = sse(api, f"/v1/trainings/{job_id}/stream")
+    assert resumed[0][1].get("phase") == 2 and resumed[0][1]["status"] == "starting"
+    assert resumed[-1][0] == "done" and resumed[-1][1]["status"] == "succeeded"
+    assert any(e[0] == "progress" and e[1]["step"] > 5 for e in resumed)
     done = server.wait(api, job_id, "training")
     assert done["status"] == "succeeded" and done["output"]["lora"] == "rings-v1"
     steps = [int(line.split(",")[0]) for line in (server.data / "trainings" / job_id / "loss.csv").read_text()

@@ -41,6 +41,8 @@ class Channel:
     seq: int = 0
     listeners: set = field(default_factory=set)  # (loop, asyncio.Queue)
     waiters: list = field(default_factory=list)  # (loop, asyncio.Event)
+    phase: int = 1  # a resumed training is a new phase of the same job
+    phase_from: int = 0  # streams replay events after this seq only (the current phase's)
 
 
 @dataclass
@@ -342,6 +344,15 @@ class Broker:
         if holder is not None:
             holder.handle.send({"op": "cancel", "id": job_id})
 
+    def resumed(self, job_id: str) -> None:
+        """A stopped training queued again: a new phase of the same job. Its stream starts here (a new connection
+        no longer replays the last phase's `done`)."""
+        with self.lock:
+            ch = self.channel(job_id)
+            ch.phase += 1
+            ch.phase_from = ch.seq
+        self._emit(job_id, "status", {"status": "starting", "phase": ch.phase, "resumed": True})
+
     # -- events to listeners ----------------------------------------------------------------------
     def channel(self, job_id: str) -> Channel:
         with self.lock:
@@ -375,7 +386,7 @@ class Broker:
         loop = asyncio.get_running_loop()
         with self.lock:
             ch = self.channel(job_id)
-            backlog = [e for e in ch.events if e[0] > after]
+            backlog = [e for e in ch.events if e[0] > max(after, ch.phase_from)]
             ch.listeners.add((loop, q))
         return q, backlog
 

@@ -175,6 +175,7 @@ def resume_training(job: OwnTraining, who: Owner, srv: Srv, request: Request):
                             f"checkpoint; only a stopped training with a checkpoint can be resumed")
     check_limits(srv, who)
     srv.store.update(job["id"], status="starting", dispatched_at=None, completed_at=None, error=None, resume=1)
+    srv.broker.resumed(job["id"])
     srv.broker.submitted()
     return render(srv, srv.store.job(job["id"]), base(request))
 
