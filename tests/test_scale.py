@@ -116,13 +116,18 @@ def test_files_travel_with_a_job_and_back_with_its_events(tmp_path):
     (run_dir / "state.safetensors").write_bytes(b"state")
     (api / "trainings" / "t0").mkdir()
     (api / "trainings" / "t0" / "other.safetensors").write_bytes(b"not this run's")
+    (api / "loras").mkdir()
+    (api / "loras" / "style.safetensors").write_bytes(b"lora")
     plan = {"init": str(api / "uploads" / "init.png"), "out": str(api / "outputs" / "j1"),
+            "batch": json.dumps({"model": {"loras": [{"path": str(api / "loras" / "style.safetensors")}]}}),
             "config": {"config": {"name": "t1", "process": [{"training_folder": str(api / "trainings")}]}}}
     packed = pack({"id": "j1", "plan": plan}, api)
-    assert set(packed["files"]) == {"uploads/init.png", "trainings/t1/state.safetensors"}
+    assert set(packed["files"]) == {"uploads/init.png", "trainings/t1/state.safetensors", "loras/style.safetensors"}
     node.mkdir()
     there = unpack(packed, str(api), str(node))
     assert there["plan"]["init"] == str(node / "uploads" / "init.png") and "files" not in there
+    lora = json.loads(there["plan"]["batch"])["model"]["loras"][0]["path"]  # a batch's plan is JSON in a string
+    assert lora == str(node / "loras" / "style.safetensors") and Path(lora).read_bytes() == b"lora"
     assert (node / "uploads" / "init.png").read_bytes() == b"png"
     (node / "outputs" / "j1").mkdir(parents=True)
     (node / "outputs" / "j1" / "000-1.png").write_bytes(b"image")
@@ -333,6 +338,25 @@ def test_a_training_through_the_workers_resumes_and_a_dead_workers_training_fail
     os.kill(w["pid"], signal.SIGKILL)
     failed = fleet.wait(api, doomed, "training")
     assert failed["status"] == "failed" and failed["error"].startswith("worker_crashed"), failed
+
+
+def test_a_batch_and_a_grid_run_on_the_workers(fleet):
+    api = fleet.api
+    r = api.post("/v1/batches", json={"model": "tiny", "prompts": ["a cat", "a dog"], "seeds": "0-1",
+                                      "input": {"steps": 2, "width": 128, "height": 128}})
+    assert r.status_code == 201, r.text
+    batch = fleet.wait(api, r.json()["id"], "batch")
+    assert batch["status"] == "succeeded" and len(batch["output"]) == 4
+    assert all(api.get(u).status_code == 200 for u in batch["output"])  # with Ray, each came back through Ray
+    g = api.post("/v1/grids", json={"model": "tiny1", "prompt": "a cat", "x": "steps=1,2",
+                                    "input": {"width": 128, "height": 128}})
+    assert g.status_code == 201, g.text
+    deadline = time.time() + 120
+    while api.get(f"/v1/grids/{g.json()['id']}").json()["status"] not in ("succeeded", "failed") \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    grid = api.get(f"/v1/grids/{g.json()['id']}").json()
+    assert grid["status"] == "succeeded", grid
 
 
 def test_the_queue_page_shows_each_worker(fleet):

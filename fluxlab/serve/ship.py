@@ -14,9 +14,25 @@ from pathlib import Path
 FOLDER_EVENTS = ("checkpoint", "lora")  # a training's whole run folder goes back: a resume on any worker needs it
 
 
+def _json(text: str):
+    """A plan field that holds JSON (a batch's plan): the object, else None."""
+    import json
+
+    if not text.startswith("{"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _strings(obj):
     if isinstance(obj, str):
-        yield obj
+        inner = _json(obj)
+        if inner is not None:
+            yield from _strings(inner)
+        else:
+            yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
             yield from _strings(v)
@@ -27,6 +43,11 @@ def _strings(obj):
 
 def _moved(obj, src: str, dst: str):
     if isinstance(obj, str):
+        inner = _json(obj)
+        if inner is not None:
+            import json
+
+            return json.dumps(_moved(inner, src, dst))
         return dst + obj[len(src):] if obj == src or obj.startswith(src + "/") else obj
     if isinstance(obj, dict):
         return {k: _moved(v, src, dst) for k, v in obj.items()}
