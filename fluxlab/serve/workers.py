@@ -85,7 +85,7 @@ class Actor:
         from .worker import Worker
 
         self.api_root, self.shared = api_root, shared
-        self.root = api_root if shared else tempfile.mkdtemp(prefix="fluxlab-worker-")
+        self.root = api_root if shared else scratch(os.path.join(tempfile.gettempdir(), "fluxlab-workers"))
         settings = {**settings, "data": self.root}
         os.makedirs(self.root, exist_ok=True)
         self.commands: queue.Queue = queue.Queue()
@@ -94,10 +94,14 @@ class Actor:
         self.worker = Worker(self.commands, self.events, settings)
 
     def loop(self) -> None:
+        import shutil
+
         from .worker import log_to
 
         log_to(self.settings)
         self.worker.loop()
+        if not self.shared:  # stopped: its copies go (a killed actor's go when the next one starts on the node)
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def command(self, command: dict) -> None:
         if command["op"] == "run" and not self.shared:
@@ -119,6 +123,21 @@ class Actor:
 
             events = [send_back(e, self.root, self.api_root) for e in events]
         return events
+
+
+def scratch(base: str) -> str:
+    """This process's own folder under `base` for a job's copied files, after removing those of processes that are
+    gone (an actor killed with its node's work in it)."""
+    import os
+    import shutil
+
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    for name in os.listdir(base):
+        if name.isdigit() and not os.path.exists(f"/proc/{name}"):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    mine = os.path.join(base, str(os.getpid()))
+    os.makedirs(mine, mode=0o700, exist_ok=True)
+    return mine
 
 
 class RayWorker:
