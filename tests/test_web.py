@@ -18,7 +18,7 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 from serving import Server
 
 PROMPT = "a red circle in the top left on a white background"
@@ -78,6 +78,7 @@ def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
     d = logged_in
     d.get(server.url + "/")
     fill(d, prompt=PROMPT, seed=4242, steps=80)
+    Select(by(d, "cache")).select_by_value("fbc:0.05")
     by(d, "submit").click()
     seen = set()
     preview = None
@@ -110,6 +111,7 @@ def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
     by(d, "reuse").click()
     assert by(d, "prompt").get_attribute("value") == PROMPT
     assert by(d, "seed").get_attribute("value") == "4242" and by(d, "steps").get_attribute("value") == "80"
+    assert Select(by(d, "cache")).first_selected_option.get_attribute("value") == "fbc:0.05"
 
 
 def test_cancel_from_the_page(server, logged_in):

@@ -17,7 +17,9 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 INTS = ("width", "height", "steps", "seed", "num_images")
 FLOATS = ("guidance", "strength", "eta")
-TEXTS = ("prompt", "negative", "sampler", "schedule", "preset", "template")
+TEXTS = ("prompt", "negative", "sampler", "schedule", "cache", "preset", "template")
+CACHES = (("none", "none"), ("fbc", "First Block Cache (faster, pixels move a little)"),
+          ("fbc:0.05", "First Block Cache, careful (0.05)"), ("fbc:0.2", "First Block Cache, fast (0.2)"))
 FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "images", "init", "mask", "model", "input_images", "trigger_word",
           "config")
 
@@ -113,7 +115,7 @@ async def choices(request: Request) -> dict:
     from ..caption.catalog import CAPTIONERS
 
     captioners = [{"name": c.name, "description": c.description} for c in CAPTIONERS.values()]
-    return {"models": models, "loras": data["loras"], "samplers": list(SAMPLERS), "aspects": ASPECTS,
+    return {"models": models, "loras": data["loras"], "samplers": list(SAMPLERS), "caches": CACHES, "aspects": ASPECTS,
             "presets": presets, "templates": sorted(BUILTIN_TEMPLATES), "captioners": captioners}
 
 

@@ -3,7 +3,7 @@
 "use strict";
 
 const FIELDS = ["prompt", "negative", "width", "height", "steps", "guidance", "seed", "num_images", "sampler",
-  "schedule", "eta", "strength", "preset", "template", "lora", "images", "init", "mask", "model"];
+  "schedule", "cache", "eta", "strength", "preset", "template", "lora", "images", "init", "mask", "model"];
 
 async function api(method, path, body) {
   const init = { method, credentials: "same-origin", headers: {} };
@@ -86,7 +86,7 @@ function setupGenerate() {
     ev.preventDefault();
     clearErrors(form);
     const input = {};
-    for (const name of ["prompt", "negative", "sampler", "schedule", "preset", "template"]) {
+    for (const name of ["prompt", "negative", "sampler", "schedule", "cache", "preset", "template"]) {
       const v = form.elements[name].value;
       if (v !== "" && !(name === "negative" && negative.hidden)) input[name] = v;
     }
