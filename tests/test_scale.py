@@ -250,11 +250,12 @@ def test_streams_and_webhooks_are_as_with_one_worker(fleet):
     assert json.loads(got[-1][1])["output"] and fleet.api.get(json.loads(got[-1][1])["output"][0]).status_code == 200
 
 
-def running_on(api, job_id, timeout=120) -> dict:
+def running_on(api, job_id, kinds="predictions", timeout=120) -> dict:
+    """The worker running the job once it is processing."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         w = next((w for w in workers(api) if w["running"] == job_id and w["pid"]), None)
-        if w is not None and api.get(f"/v1/predictions/{job_id}").json()["status"] == "processing":
+        if w is not None and api.get(f"/v1/{kinds}/{job_id}").json()["status"] == "processing":
             return w
         time.sleep(0.05)
     raise TimeoutError(job_id)
@@ -329,13 +330,7 @@ def test_a_training_through_the_workers_resumes_and_a_dead_workers_training_fail
                                                                    "steps": 400}})
     assert r.status_code == 201, r.text
     doomed = r.json()["id"]
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        w = next((w for w in workers(api) if w["running"] == doomed and w["pid"]), None)
-        if w and api.get(f"/v1/trainings/{doomed}").json()["status"] == "processing":
-            break
-        time.sleep(0.05)
-    os.kill(w["pid"], signal.SIGKILL)
+    os.kill(running_on(api, doomed, "trainings")["pid"], signal.SIGKILL)
     failed = fleet.wait(api, doomed, "training")
     assert failed["status"] == "failed" and failed["error"].startswith("worker_crashed"), failed
 

@@ -79,7 +79,6 @@ class Broker:
         self.previews: dict[str, bytes] = {}
         self.replacements: list[float] = []  # seconds from a worker's death to its replacement being ready
         self.lock = threading.RLock()
-        self.wake = threading.Event()
         self.stopping = False
         self.scaled_at = 0.0
         self.webhooks = Webhooks(store.secret, settings.webhook_policy, settings.webhook_retries,
@@ -100,7 +99,8 @@ class Broker:
 
     def stop(self) -> None:
         self.stopping = True
-        self.wake.set()
+        self.wake()
+        # Every worker is told first, so they stop side by side; each handle's stop() then waits for its own.
         for slot in list(self.slots.values()):
             with contextlib.suppress(Exception):
                 slot.handle.send({"op": "stop"})
@@ -147,7 +147,7 @@ class Broker:
 
     @property
     def running(self) -> list[str]:
-        """The jobs running now, one per busy worker, oldest dispatch first."""
+        """The jobs running now, one per busy worker, in the workers' order."""
         return [s.running for s in list(self.slots.values()) if s.running is not None]
 
     @property
@@ -156,7 +156,7 @@ class Broker:
 
     def pause(self, on: bool) -> None:
         self.store.set_setting("paused", "1" if on else "0")
-        self.wake.set()
+        self.wake()
 
     def worker_info(self) -> list[dict]:
         """Each worker as the API shows it: models by the names clients use (a server folder by its --model name)."""
@@ -222,8 +222,7 @@ class Broker:
                 return
             if not slot.handle.alive():
                 self._lost(slot, slot.handle.death())
-            elif slot.ready and now - slot.seen > self.config.heartbeat_s:
-                slot.handle.kill()
+            elif slot.ready and now - slot.seen > self.config.heartbeat_s:  # hung: _lost kills it
                 self._lost(slot, f"the worker sent no heartbeat for {self.config.heartbeat_s:g} s")
         if self.config.most > self.config.count and now - self.scaled_at > 1.0:
             self.scaled_at = now
@@ -327,7 +326,11 @@ class Broker:
 
     # -- requests from the API ----------------------------------------------------------------------
     def submitted(self) -> None:
-        self.wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Run the loop now (dispatch a new job at once) rather than at its next 50 ms poll."""
+        self.inbox.put((None, 0, None))
 
     def cancel(self, job_id: str) -> None:
         """Cancel one job by id: a pending one without touching the running one, the running one at its next step

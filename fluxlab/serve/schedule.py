@@ -13,7 +13,6 @@ base in well under a second, so they are not part of the match.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 
@@ -37,7 +36,7 @@ def assign(pending: list[dict], workers: list[WorkerView], waited: dict[str, flo
     """(job id, worker name) pairs to start now, and the ids of jobs held back waiting for a busy worker that has
     their model. `waited`: seconds each job has been held back so far."""
     free = [w for w in workers if w.idle]
-    busy = Counter(m for w in workers if not w.idle for m in w.loaded)  # model -> busy workers that have it
+    busy = {m for w in workers if not w.idle for m in w.loaded}  # models a busy worker has
     picks, held = [], []
     for i, job in enumerate(pending):
         if not free:
@@ -49,7 +48,7 @@ def assign(pending: list[dict], workers: list[WorkerView], waited: dict[str, flo
             warm = [w for w in free if model is not None and model in w.loaded]
             if warm:
                 chosen = warm[0]
-            elif model is not None and busy[model] > 0 and waited.get(job["id"], 0.0) < wait_s:
+            elif model is not None and model in busy and waited.get(job["id"], 0.0) < wait_s:
                 held.append(job["id"])  # a busy worker has it: wait for one to free up, within the bound
                 continue
             else:
@@ -58,5 +57,5 @@ def assign(pending: list[dict], workers: list[WorkerView], waited: dict[str, flo
         free.remove(chosen)
         picks.append((job["id"], chosen.name))
         if model is not None:
-            busy[model] += 1  # the chosen worker is busy with it now: the next job of this model may wait for it
+            busy.add(model)  # the chosen worker is busy with it now: the next job of this model may wait for it
     return picks, held

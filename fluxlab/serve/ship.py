@@ -91,16 +91,22 @@ def pack(job: dict, root: Path) -> dict:
     return {**job, "files": files}
 
 
+def _write(files: dict[str, bytes], root) -> None:
+    """Write each relative path's bytes under `root`, atomically; a path that would leave `root` is skipped."""
+    from ..errors import UserError
+    from ..files import atomic_write, inside
+
+    for rel, data in files.items():
+        try:
+            target = inside(Path(root), rel, "shipped file")
+        except UserError:
+            continue
+        atomic_write(target, lambda t, d=data: t.write_bytes(d))
+
+
 def unpack(job: dict, api_root: str, root: str) -> dict:
     """Write a packed job's files under this worker's `root` and point its plan there."""
-    from ..files import atomic_write
-
-    for rel, data in (job.get("files") or {}).items():
-        target = Path(root) / rel
-        if Path(root).resolve() not in target.resolve().parents:
-            continue  # never outside the scratch folder
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda t, d=data: t.write_bytes(d))
+    _write(job.get("files") or {}, root)
     return {k: v for k, v in job.items() if k != "files"} | {"plan": _moved(job["plan"], api_root, root)}
 
 
@@ -117,11 +123,4 @@ def send_back(event: dict, root: str, api_root: str) -> dict:
 
 def receive(event: dict, root: Path) -> None:
     """Write the files an event brought back under the API node's data folder (never outside it)."""
-    from ..files import atomic_write
-
-    for rel, data in (event.get("files") or {}).items():
-        target = Path(root) / rel
-        if Path(root).resolve() not in target.resolve().parents:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda t, d=data: t.write_bytes(d))
+    _write(event.get("files") or {}, root)

@@ -80,7 +80,7 @@ class Worker:
         rss = None
         with contextlib.suppress(OSError, ValueError), open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return {"pid": os.getpid(), "node": socket.gethostname(), "rss_bytes": rss, "running": self.current}
+        return {"pid": os.getpid(), "node": socket.gethostname(), "rss_bytes": rss}
 
     def beat(self) -> None:
         while True:

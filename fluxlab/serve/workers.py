@@ -87,7 +87,6 @@ class Actor:
         self.api_root, self.shared = api_root, shared
         self.root = api_root if shared else scratch(os.path.join(tempfile.gettempdir(), "fluxlab-workers"))
         settings = {**settings, "data": self.root}
-        os.makedirs(self.root, exist_ok=True)
         self.commands: queue.Queue = queue.Queue()
         self.events: queue.Queue = queue.Queue()
         self.settings = settings
@@ -222,7 +221,7 @@ def connect_ray(address: str | None) -> None:
     from ..batch.engines import quiet_ray
 
     try:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+        ray.init(address=target, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         auth = ("" if os.environ.get("RAY_AUTH_MODE") else "; a cluster with token authentication also needs "

@@ -29,9 +29,8 @@ def get_queue(who: Who, srv: Srv, request: Request) -> dict:
 
     pending = []
     for i, job in enumerate(store.pending(), start=1):
-        seen = job["owner"] == who.name or who.admin
-        pending.append({**render(srv, job, base(request)), "owner": job["owner"], "mine": job["owner"] == who.name}
-                       if seen else {"queue_position": i, "kind": job["kind"], "mine": False})
+        row = shown(job)
+        pending.append(row if "id" in row else {"queue_position": i, **row})
     workers = []
     for w in broker.worker_info():
         job = shown(store.job(w["running"])) if w["running"] else None
