@@ -3,6 +3,7 @@ quantization while loading, checked against the unquantized model and against lo
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fluxlab.cli import main
+from fluxlab.errors import UserError
 from fluxlab.runtime.keys import transformer_to_bfl
 from fluxlab.spec.catalog import CATALOG, bundled_path
 
@@ -372,3 +374,61 @@ def test_writing_a_gguf_holds_one_tensor_at_a_time(tmp_path):
     whole = measure(WRITE_PEAK, tmp_path / "t", "whole")
     assert (tmp_path / "t" / "tensorwise.gguf").read_bytes() == (tmp_path / "t" / "whole.gguf").read_bytes()
     assert whole["peak"] > bf16 and whole["peak"] - tensorwise["peak"] > 0.6 * bf16, (tensorwise, whole, bf16)
+
+
+def test_int8_activations_reuse_the_weight_only_codes_and_stay_close():
+    """The int8 x int8 path (chosen on CPUs where it measures faster) keeps each layer's int8 codes and scales
+    and changes only how activations are handled: its output is within int8's error of the weight-only one's."""
+    from fluxlab.runtime.quantize import int8_activations, quantize_model
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 128))
+    x = torch.randn(8, 256)
+    q = torch.nn.Sequential(*(copy.deepcopy(m) for m in ref))
+    quantize_model(q, "int8", None)
+    codes = [q[0].weight.qdata.clone(), q[2].weight.qdata.clone()]
+    with torch.no_grad():
+        full, weight_only = ref(x), q(x)
+        assert int8_activations(q) == 2 and int8_activations(q) == 0  # the second call finds nothing to change
+        dynamic = q(x)
+    assert torch.equal(q[0].weight.qdata, codes[0]) and torch.equal(q[2].weight.qdata, codes[1])
+    assert not torch.equal(dynamic, weight_only)  # the activations really went through int8
+    err = lambda y: ((y - full).norm() / full.norm()).item()  # noqa: E731
+    assert err(weight_only) < 0.01 and err(dynamic) < 0.02
+
+
+def test_forced_int8_products_generate_close_to_bf16(tiny_dirs, monkeypatch):
+    """FLUXLAB_INT8=dynamic takes the int8 x int8 path whatever the CPU: the image stays within the 2% the
+    weight-only path is held to (test_executor), and the notice says which path ran."""
+    import fluxlab
+    from fluxlab.runtime import quantize
+
+    kw = dict(prompt=PROMPT, seed=3, steps=3, width=64, height=64)
+    a = fluxlab.load(str(tiny_dirs["flux2-klein"]), device="cpu", dtype="bf16").generate(**kw)[0].latents.float()
+    monkeypatch.setenv("FLUXLAB_INT8", "dynamic")
+    quantize.int8_matmul_is_faster.cache_clear()
+    said = []
+    try:
+        q = fluxlab.load(str(tiny_dirs["flux2-klein"]), device="cpu", dtype="bf16", quantize="int8", notify=said.append)
+        b = q.generate(**kw)[0].latents.float()
+    finally:
+        quantize.int8_matmul_is_faster.cache_clear()
+    assert any("int8 x int8 products" in m for m in said), said
+    assert q.model.components.transformer.transformer_blocks[0].ff.linear_in.weight.__tensor_flatten__()[1][
+        "act_quant_kwargs"] is not None
+    assert 0 < ((b - a).norm() / a.norm()).item() < 0.02
+
+
+def test_int8_choice_names_its_valid_values(monkeypatch):
+    from fluxlab.runtime import quantize
+
+    monkeypatch.setenv("FLUXLAB_INT8", "fast")
+    quantize.int8_matmul_is_faster.cache_clear()
+    try:
+        with pytest.raises(UserError, match="FLUXLAB_INT8='fast' is not a choice; valid: auto, dynamic, weight-only"):
+            quantize.int8_matmul_is_faster()
+        monkeypatch.setenv("FLUXLAB_INT8", "weight-only")
+        quantize.int8_matmul_is_faster.cache_clear()
+        assert quantize.int8_matmul_is_faster() is False
+    finally:
+        quantize.int8_matmul_is_faster.cache_clear()

@@ -388,9 +388,10 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
                                  transformer_file=ref.transformer.path if ref.transformer else None,
                                  lean=runtime.lean, quantize=ref.quantize, stream=stream)
     if ref.quantize:
-        from .quantize import quantize_on_load
+        from .quantize import int8_matmul_is_faster, quantize_on_load
 
-        quantize_on_load(components, ref.quantize, stage, notify)
+        quantize_on_load(components, ref.quantize, stage, notify,
+                         int8_compute=dev.type == "cpu" and ref.quantize == "int8" and int8_matmul_is_faster())
     upcast = False
     if runtime.compute == "auto" and dev.type == "cpu" and dt == torch.bfloat16 and not bf16_matmul_is_faster():
         from .devices import upcast_linears

@@ -1,15 +1,22 @@
 """Weight quantization of the transformer and text encoders: int8 (torchao), fp8 (torchao), nf4 (bitsandbytes).
 
 int8 weight-only runs everywhere, the CPU included: weights are stored as int8 with a per-channel scale and
-dequantized inside the matmul, halving their memory against bf16. fp8 needs an NVIDIA GPU of compute
-capability 8.9 or newer (Ada, Hopper); nf4 needs CUDA and bitsandbytes.
+dequantized inside the matmul, halving their memory against bf16. On a CPU with int8 dot-product units
+(AVX512-VNNI, AVX-VNNI, AMX-INT8) the same int8 weights can also compute in int8: each layer's activations
+are quantized per row on the fly and the product runs int8 x int8 (torchao's dynamic-activation path, oneDNN
+underneath). Whether that is faster is measured once per process (int8_matmul_is_faster), as the bf16 choice
+is; without those units it is not tried (measured 28x slower than weight-only on an AVX2 EPYC). fp8 needs an
+NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper); nf4 needs CUDA and bitsandbytes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from functools import cache
 
 from ..errors import UserError
+from .devices import cpu_flags
 
 MODES = ("int8", "fp8", "nf4")
 
@@ -42,8 +49,74 @@ def _torchao():
 QUANTIZED = ("transformer", "text_encoder", "text_encoder_2")
 
 
-def quantize_on_load(components, mode: str, device, notify=None) -> None:
-    """Quantize the transformer's and text encoders' Linear weights as each is loaded."""
+INT8_DOT = ("amx_int8", "avx512_vnni", "avx_vnni")  # CPU flags of int8 dot-product instructions
+INT8_CHOICES = ("auto", "dynamic", "weight-only")
+
+
+@cache
+def int8_matmul_is_faster() -> bool:
+    """Whether int8 layers on this CPU should compute int8 x int8 (dynamic activations) rather than dequantize
+    their weights for each product. FLUXLAB_INT8=dynamic|weight-only decides it outright (benchmarks, tests);
+    otherwise a CPU without int8 dot-product units says no, and one with them is measured once (~0.2 s) on a
+    transformer-shaped layer: dynamic must take under 0.8x the weight-only time."""
+    choice = os.environ.get("FLUXLAB_INT8", "auto")
+    if choice not in INT8_CHOICES:
+        raise UserError(f"FLUXLAB_INT8={choice!r} is not a choice; valid: {', '.join(INT8_CHOICES)}")
+    if choice != "auto":
+        return choice == "dynamic"
+    if not any(f in cpu_flags() for f in INT8_DOT):
+        return False
+    import time
+
+    import torch
+
+    layer = torch.nn.Linear(1024, 1024, bias=False)
+    quantize_model(layer, "int8", None)
+    x = torch.randn(256, 1024)
+
+    def seconds() -> float:
+        layer(x)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            layer(x)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    with torch.no_grad():
+        weight_only = seconds()
+        int8_activations(layer)
+        return seconds() < 0.8 * weight_only
+
+
+def int8_activations(model) -> int:
+    """Switch a model's int8 weight-only Linear layers to int8 x int8 products, in place. The int8 codes and
+    per-row scales are the same in both (torchao's two configs quantize weights alike); only the activation
+    rule changes, so nothing is requantized. Returns the layers changed."""
+    import torch
+
+    probe = torch.nn.Linear(16, 16, bias=False)
+    q = _torchao()
+    q.quantize_(probe, q.Int8DynamicActivationInt8WeightConfig())
+    rule = probe.weight.__tensor_flatten__()[1]["act_quant_kwargs"]
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(m, torch.nn.Linear) or not hasattr(w, "__tensor_flatten__"):
+            continue
+        names, meta = w.__tensor_flatten__()
+        if "act_quant_kwargs" not in meta or meta["act_quant_kwargs"] is not None:
+            continue
+        inner = {k: getattr(w, k) for k in names if getattr(w, k) is not None}
+        joined = type(w).__tensor_unflatten__(inner, {**meta, "act_quant_kwargs": rule}, w.shape, w.stride())
+        m.weight = torch.nn.Parameter(joined, requires_grad=False)
+        n += 1
+    return n
+
+
+def quantize_on_load(components, mode: str, device, notify=None, int8_compute: bool = False) -> None:
+    """Quantize the transformer's and text encoders' Linear weights as each is loaded; with `int8_compute`, int8
+    layers then multiply in int8 (int8_activations)."""
     if mode not in MODES:
         raise UserError(f"unknown quantization {mode!r}; valid: {', '.join(MODES)}")
     ok = supported_modes(device)
@@ -58,8 +131,11 @@ def quantize_on_load(components, mode: str, device, notify=None) -> None:
                 return
             if getattr(model, "fluxlab_quantized", None) != mode:  # else quantized while loading
                 quantize_model(model, mode, device)
+            how = ""
+            if int8_compute and mode == "int8" and int8_activations(model):
+                how = " (int8 x int8 products: measured faster than dequantizing on this CPU)"
             if notify is not None:
-                notify(f"quantized {name} to {mode}")
+                notify(f"quantized {name} to {mode}{how}")
         return run
 
     for name in QUANTIZED:
