@@ -212,6 +212,24 @@ def test_help_is_fast_because_it_imports_nothing_heavy():
     assert r.returncode == 0 and "generate" in r.stdout
 
 
+NOT_FOR_THE_DEMO = ("fluxlab.serve", "fluxlab.web", "fluxlab.train", "fluxlab.caption", "fluxlab.batch",
+                    "fluxlab.runtime.quantize", "fluxlab.runtime.streaming", "fluxlab.runtime.gguf_files",
+                    "fluxlab.core.stepcache", "ray", "fastapi", "uvicorn", "starlette", "diffusers.pipelines",
+                    "transformers.models.t5", "transformers.models.clip", "transformers.models.mistral3")
+
+
+def test_a_demo_generation_imports_only_what_it_runs(tmp_path):
+    """`fluxlab generate -m demo` imports the FLUX.2 pieces it runs and none of the server, training, captioning,
+    batch, quantization or FLUX.1 text-encoder code: asserted from the process's sys.modules, by name. (What
+    remains between it and `import torch` is diffusers' own imports, see bench/demo_latency.py.)"""
+    code = ("import sys\nfrom fluxlab.cli import main\n"
+            f"main(['generate', 'a red circle', '-m', 'demo', '-o', {str(tmp_path / 'c.png')!r}, '--quiet'])\n"
+            f"print(sorted(m for m in sys.modules if m.startswith({NOT_FOR_THE_DEMO!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "c.png").is_file(), r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
 def test_console_script_reports_user_error_without_traceback(tmp_path):
     r = _cli("generate", "a cat", "-m", "no-such-model", "-o", str(tmp_path / "x.png"))
     assert r.returncode == 2
