@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import pytest
 
 from fluxlab.errors import UserError
-from fluxlab.runtime.memory import GB, ModelSizes, activation_bytes, make_plan, next_smaller, parse_size
+from fluxlab.runtime import memory
+from fluxlab.runtime.memory import GB, HOST, ModelSizes, activation_bytes, make_plan, next_smaller, parse_size
+from fluxlab.spec.catalog import CATALOG
 
 # klein 4B in bf16: transformer 3.88 B params, lean Qwen3-4B encoder (27 of 36 layers, no LM head), VAE 84 M.
 KLEIN_4B = ModelSizes(transformer=int(7.75 * GB), text_encoder=int(5.6 * GB), vae=int(0.17 * GB),
@@ -87,3 +91,64 @@ def test_parse_size():
     assert parse_size("6GB") == 6 * GB and parse_size("6 GiB") == 6 * GB and parse_size("512MB") == GB // 2
     with pytest.raises(UserError, match="--budget 'lots' is not a size"):
         parse_size("lots")
+
+
+# -- one model over several devices (split_plan) ------------------------------------------------------------
+BUDGETS = {"2 x 24 GB": (("cuda:0", 24), ("cuda:1", 24)), "2 x 48 GB": (("cuda:0", 48), ("cuda:1", 48)),
+           "4 x 16 GB": tuple((f"cuda:{i}", 16) for i in range(4)),
+           "80 GB + CPU": (("cuda:0", 80), ("cpu", 128))}
+
+
+def catalog_sizes(spec) -> ModelSizes:
+    return memory.catalog_sizes(spec.sizes_gb)
+
+
+def place(sizes, budgets, size=1024):
+    devices = tuple(d for d, _ in budgets)
+    return memory.split_plan(sizes, devices, tuple(int(b * GB) for _, b in budgets), size, size, 1,
+                      text_tokens=512, dtype_bytes=2)
+
+
+@pytest.mark.parametrize("budgets", BUDGETS)
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_split_plans_for_every_catalog_model(name, budgets):
+    """Nothing over budget, every block placed once and in order, the fewest hand-overs, the same plan twice."""
+    sizes = catalog_sizes(CATALOG[name])
+    p = place(sizes, BUDGETS[budgets])
+    assert p == place(sizes, BUDGETS[budgets])
+    assert [a for _, a, _ in p.transformer] == [0] + [b for _, _, b in p.transformer[:-1]]
+    assert p.transformer[-1][2] == sizes.transformer_blocks
+    assert len({d for d, _, _ in p.transformer}) == len(p.transformer)  # one run per device
+    per_block = sizes.transformer // sizes.transformer_blocks
+    act = activation_bytes(1024, 1024, 1, sizes.hidden, 512, 2)
+
+    def whole_blocks(few):
+        return sum((p.budgets[i] - GB // 2 - act) // per_block for i in few)
+
+    if p.fits:
+        assert all(peak <= budget - GB // 2 for peak, budget in zip(p.peaks, p.budgets, strict=True)), p.line()
+        # No smaller set of devices has the room for the transformer's blocks.
+        for k in range(1, len(p.transformer)):
+            for few in combinations(range(len(p.devices)), k):
+                assert whole_blocks(few) < sizes.transformer_blocks, (few, p.line())
+    else:  # only when all the devices together cannot hold the transformer
+        assert whole_blocks(range(len(p.devices))) <= sizes.transformer_blocks, p.line()
+
+
+def test_split_plans_that_matter():
+    by_name = {n: catalog_sizes(s) for n, s in CATALOG.items()}
+    # FLUX.2 [dev] (64 GB of transformer) over two 48 GB cards: one hand-over; its 48 GB encoder has no room left
+    # on either card, so it runs from host memory.
+    p = place(by_name["flux2-dev"], BUDGETS["2 x 48 GB"])
+    assert p.fits and p.handovers == 1 and p.text_encoder == HOST, p.line()
+    assert not place(by_name["flux2-dev"], BUDGETS["2 x 24 GB"]).fits  # 48 GB of cards cannot hold 64 GB
+    # On one 80 GB card it stays whole; the encoder goes to the CPU listed beside it.
+    p = place(by_name["flux2-dev"], BUDGETS["80 GB + CPU"])
+    assert p.transformer == ((0, 0, 56),) and p.text_encoder == 1 and p.fits, p.line()
+    # FLUX.1 [dev] (23.8 GB) plus activations is just over a 24 GB card: split in two, the encoders beside it.
+    p = place(by_name["flux1-dev"], BUDGETS["2 x 24 GB"])
+    assert p.fits and p.handovers == 1 and p.text_encoder != HOST and p.vae != HOST, p.line()
+    # klein 4B fits one 24 GB card with its encoder: no hand-over at all.
+    p = place(by_name["flux2-klein-4b"], BUDGETS["2 x 24 GB"])
+    assert p.transformer == ((0, 0, 25),) and p.text_encoder == 0 and p.fits
+    assert "transformer blocks 0-24 on cuda:0; text encoder on cuda:0" in p.line()
