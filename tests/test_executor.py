@@ -86,3 +86,40 @@ def test_int8_stays_close_to_bf16(tiny_dirs, kind):
 def test_quantization_modes_the_device_lacks(tiny_dirs):
     with pytest.raises(UserError, match="--quantize fp8 is not supported on cpu; this device supports: int8"):
         fluxlab.load(str(tiny_dirs["flux2-klein"]), device="cpu", quantize="fp8")
+
+
+@pytest.mark.parametrize("kind", ["flux2-klein", "flux1-dev"])
+def test_a_model_split_over_the_cpu_listed_twice_gives_the_one_device_latents(tiny_dirs, kind):
+    """`--device cpu,cpu` with a budget no single entry can hold the transformer in: the planner cuts its blocks
+    over the two entries and accelerate's hooks hand the activations over at the cut, exactly as between two
+    GPUs. Same latents as one device, to the bit; the plan is recorded in the image's metadata."""
+    from fluxlab.runtime.executor import model_sizes
+    from fluxlab.runtime.memory import activation_bytes
+
+    one = fluxlab.load(str(tiny_dirs[kind]), device="cpu", dtype="fp32", notify=lambda m: None)
+    reference = torch.cat([r.latents for r in one.generate(**KW, num_images=2)])
+    sizes = model_sizes(one.components)
+    act = activation_bytes(KW["width"], KW["height"], 1, sizes.hidden, one.model.spec.max_sequence_length, 4)
+    # Room for three quarters of the transformer and its activations per entry (the reserve is 1/8 of a small
+    # budget): it must be cut in two.
+    budget = f"{int((0.75 * sizes.transformer + act) * 8 / 7) // 1024}KB"
+    said = []
+    two = fluxlab.load(str(tiny_dirs[kind]), device="cpu,cpu", dtype="fp32", budget=budget, notify=said.append)
+    results = list(two.generate_iter(**KW, num_images=2, batch_size=1))  # as the one CPU runs them
+    out = torch.cat([r.latents for r in results])
+    plan = two.model.plan
+    assert plan.handovers == 1 and plan.fits, said
+    assert torch.equal(out, reference)
+    assert any("transformer blocks 0-" in m and "on cpu, blocks" in m for m in said), said
+    recorded = results[0].metadata["resolved"]["memory_plan"]
+    assert recorded["placement"] == "split" and len(recorded["transformer"]) == 2
+    assert results[0].metadata["runtime"]["device"] == "cpu,cpu"
+
+
+def test_a_split_that_cannot_fit_falls_back_to_one_device(tiny_dirs):
+    said = []
+    pipe = fluxlab.load(str(tiny_dirs["flux2-klein"]), device="cpu,cpu", dtype="fp32", budget="64KB",
+                        notify=said.append)
+    pipe.generate(**KW)
+    assert any("cannot hold the model even split" in m and "planning on cpu alone" in m for m in said), said
+    assert pipe.model.plan.placement == "stream"

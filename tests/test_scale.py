@@ -389,6 +389,8 @@ def test_workers_are_added_while_jobs_wait_and_stopped_when_idle(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (("--devices", "cuda:7"), "cuda"),
     (("--devices", "cpu,,cpu"), "an empty entry"),
+    (("--devices", "cpu+"), "an empty entry"),
+    (("--devices", "cuda:0+cuda:0"), "names cuda:0 twice"),
     (("--ray-address", "127.0.0.1:1"), "--ray-address is for --engine ray"),
     (("--workers", "3", "--max-workers", "2"), "--max-workers 2 is below the 3 workers"),
     (("--engine", "spark"), "--engine 'spark'"),

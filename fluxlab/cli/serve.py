@@ -110,7 +110,8 @@ def serve(
     tls_key: Annotated[str | None, Opt("--tls-key", help="The certificate's private key (PEM).")] = None,
     workers: Annotated[int | None, Opt(help="Workers taking jobs at once (default 1, or one per --devices entry); "
                                             "on a CPU they share its cores.", min=1, max=256)] = None,
-    devices: Annotated[str | None, Opt(help="One worker per device, e.g. cuda:0,cuda:1 (local engine).")] = None,
+    devices: Annotated[str | None, Opt(help="One worker per entry, e.g. cuda:0,cuda:1; cuda:0+cuda:1 is one worker "
+                                            "whose model is split over both (local engine).")] = None,
     engine: Annotated[str, Opt(help="local: worker processes on this machine; ray: Ray actors on a cluster.")]
     = "local",
     ray_address: Annotated[str | None, Opt(help="The Ray cluster to join (default: $RAY_ADDRESS, or a local "
@@ -207,9 +208,18 @@ def worker_settings(workers, devices, engine, ray_address, gpus, cpus, least, mo
         raise UserError("--devices is for the local engine; Ray places workers by --gpus-per-worker and "
                         "--cpus-per-worker")
     for d in listed:
-        if not d:
-            raise UserError(f"--devices {devices!r}: an empty entry; give a comma-separated list like cuda:0,cuda:1")
-        resolve_device(d)
+        if not d or "" in d.split("+"):
+            raise UserError(f"--devices {devices!r}: an empty entry; give a comma-separated list like cuda:0,cuda:1 "
+                            f"(cuda:0+cuda:1: one worker over both)")
+        from pydantic import ValidationError
+
+        from ..spec.request import Runtime
+
+        try:  # a worker over several devices: the same checks as --devices on generate
+            Runtime(device=d.replace("+", ","))
+        except ValidationError as e:
+            raise UserError(f"--devices {d!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        resolve_device(d.replace("+", ","))
     if engine == "local":
         for option, value, default in (("--ray-address", ray_address, None), ("--gpus-per-worker", gpus, 0.0),
                                        ("--cpus-per-worker", cpus, 1.0), ("--shared-data", shared_data, False)):

@@ -81,9 +81,22 @@ def bf16_matmul_is_faster() -> bool:
     return seconds(torch.bfloat16) < 0.8 * seconds(torch.float32)
 
 
-def resolve_device(name: str = "auto"):
+def resolve_devices(name: str = "auto") -> list:
+    """Every device a run may use, main first: a comma-separated list (one model split over them), or `auto`,
+    which on a machine with several GPUs lists them all (the planner still keeps a model on one when it fits)."""
     import torch
 
+    if name == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [resolve_device(n.strip()) for n in name.split(",")]
+
+
+def resolve_device(name: str = "auto"):
+    """The device `name` means; for a list, its first (the main device until a plan says otherwise)."""
+    import torch
+
+    if "," in name:
+        return resolve_devices(name)[0]
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

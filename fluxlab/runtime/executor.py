@@ -8,7 +8,7 @@ tiling. Nothing else in fluxlab moves models between devices.
 
 from __future__ import annotations
 
-from .memory import GB, ModelSizes, Plan
+from .memory import GB, HOST, ModelSizes, Plan, SplitPlan
 
 
 def model_sizes(components) -> ModelSizes:
@@ -44,6 +44,51 @@ def device_budget(device) -> int:
 
 def _big_models(components):
     return [m for m in (components.text_encoder, components.text_encoder_2, components.transformer) if m is not None]
+
+
+def blocks(transformer) -> list:
+    """The transformer's blocks in the order they run: the double-stream blocks, then the single-stream ones."""
+    return [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def apply_split(components, plan: SplitPlan, devices: list) -> None:
+    """Place one model over several devices as `plan` says, with accelerate's AlignDevicesHook (what its
+    dispatch_model attaches for a device_map): each block of the transformer runs on its device and receives its
+    inputs there, so the activations are handed over at the run boundaries; the embedders and the output layer run
+    on the main device, and the transformer's output comes back there. The text encoders run on theirs and
+    return to the caller's device; the VAE's device is read by the family code (it is called through
+    decode/encode, not forward). The hooks run even when two entries are the same device (cpu,cpu)."""
+    import torch
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    reset(components, "cpu")
+    main = devices[plan.main]
+
+    def at(index):
+        return torch.device("cpu") if index == HOST else devices[index]
+
+    t = components.transformer
+    listed = blocks(t)
+    owner = {}
+    for d, first, end in plan.transformer:
+        for k in range(first, end):
+            owner[id(listed[k])] = devices[d]
+    for child in t.children():
+        runs = [child] if not isinstance(child, torch.nn.ModuleList) else None
+        for m in runs or child:
+            dev = owner.get(id(m), main)
+            m.to(dev)
+            add_hook_to_module(m, AlignDevicesHook(execution_device=dev))
+    add_hook_to_module(t, AlignDevicesHook(execution_device=main, io_same_device=True))
+    for m in (components.text_encoder, components.text_encoder_2):
+        if m is not None:
+            m.to(at(plan.text_encoder))
+            add_hook_to_module(m, AlignDevicesHook(execution_device=at(plan.text_encoder), io_same_device=True))
+    components.vae.to(at(plan.vae))
+    if plan.vae_tiling:
+        components.vae.enable_tiling()
+    else:
+        components.vae.disable_tiling()
 
 
 def reset(components, device) -> None:

@@ -69,12 +69,15 @@ class LoadedModel:
     """Models kept loaded between jobs, with what they have learned (prompt embeddings, LoRA adapters)."""
 
     def __init__(self, ref: ModelRef, runtime: Runtime, source, components, device, dtype, *, upcast: bool,
-                 load_seconds: float, notify: Callable[[str], None]):
+                 load_seconds: float, notify: Callable[[str], None], devices: list | None = None):
         from .adapters import Adapters
 
         self.ref, self.runtime = ref, runtime
         self.spec, self.label, self.path = source.spec, source.label, source.path
         self.components, self.device, self.dtype = components, device, dtype
+        # Several devices: one model split over them (memory.split_plan); `device` is then the main one, where the
+        # loop's tensors live.
+        self.devices = devices or [device]
         self.upcast = upcast  # bf16 weights computed in fp32 (devices.upcast_linears)
         self.load_seconds = load_seconds
         self.encode_seconds = 0.0
@@ -255,6 +258,8 @@ class LoadedModel:
                             f"used")
             batch_size = 1
         wanted = batch_size or min(len(job.seeds), 16)
+        if len(self.devices) > 1:
+            return self._split_plan_for(job, wanted, batch_size)
         if self.budget is None and self.device.type != "cuda":
             # Nothing to plan against: keep the placement in force (resident unless set_plan chose one).
             placed = self.plan or Plan("resident", 1, False, None, 0, 0, True)
@@ -272,11 +277,44 @@ class LoadedModel:
             self.set_plan(plan)
         return plan
 
+    def _split_plan_for(self, job: Job, wanted: int, batch_size: int | None):
+        """The plan over several devices; when even all of them cannot hold the model, the one-device ladder
+        (phase offload, streaming) on the device with the most room."""
+        from .executor import device_budget, model_sizes
+        from .memory import GB, make_plan, split_plan
+
+        budgets = tuple(self.budget if self.budget is not None else device_budget(d) for d in self.devices)
+        h, w = self.family.latent_grid(job.width, job.height)
+        sizes = model_sizes(self.components)
+        kw = dict(text_tokens=self.spec.max_sequence_length, dtype_bytes=torch_bits(self.dtype) // 8,
+                  ref_tokens=len(job.images) * h * w)
+        # The usual half-GB reserve, less on small budgets (tests split megabyte models over "cpu,cpu").
+        reserve = min(GB // 2, min(budgets) // 8)
+        names = tuple(str(d) for d in self.devices)
+        plan = split_plan(sizes, names, budgets, job.width, job.height, wanted, reserve=reserve, **kw)
+        if not plan.fits:
+            best = max(range(len(budgets)), key=lambda i: (budgets[i], -i))
+            self.notify(f"{', '.join(names)} cannot hold the model even split ({plan.line().removeprefix('plan: ')}"
+                        f"); planning on {names[best]} alone")
+            self.devices = [self.devices[best]]
+            self.device = self.devices[0]
+            plan = make_plan(sizes, job.width, job.height, wanted, budgets[best], mode=self.memory, **kw)
+        if batch_size and plan.batch_size != batch_size:
+            self.notify(f"--batch-size {batch_size} does not fit; using {plan.batch_size}")
+        if plan != self.plan:
+            self.set_plan(plan)
+        return plan
+
     def set_plan(self, plan) -> None:
-        from .executor import apply
+        from .executor import apply, apply_split
+        from .memory import SplitPlan
 
         self.notify(plan.line() if plan.fits else f"{plan.line()}; trying anyway")
-        apply(self.components, plan, self.device)
+        if isinstance(plan, SplitPlan):
+            apply_split(self.components, plan, self.devices)
+            self.device = self.devices[plan.main]
+        else:
+            apply(self.components, plan, self.device)
         self.plan = plan
 
     def _placed_bytes(self) -> int:
@@ -370,11 +408,12 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
     quiet_libraries()
     import torch
 
-    from .devices import bf16_matmul_is_faster, resolve_device, resolve_dtype
+    from .devices import bf16_matmul_is_faster, resolve_devices, resolve_dtype
 
     t0 = time.perf_counter()
     source = source or fetch(locate(ref.name), ref.revision)
-    dev = resolve_device(runtime.device)
+    devices = resolve_devices(runtime.device)
+    dev = devices[0]
     dt = resolve_dtype(source.spec.dtype if ref.dtype == "auto" else ref.dtype, dev)
     # Models load into host memory; on a GPU the memory plan then decides what goes on the device.
     stage = dev if dev.type == "cpu" else torch.device("cpu")
@@ -404,4 +443,4 @@ def load(ref: ModelRef, runtime: Runtime | None = None, notify: Callable[[str], 
         notify("bf16 weights, fp32 matmuls: this CPU multiplies fp32 faster than bf16 (set --compute native to "
                "keep bf16 arithmetic)")
     return LoadedModel(ref, runtime, source, components, dev, dt, upcast=upcast,
-                       load_seconds=time.perf_counter() - t0, notify=notify)
+                       load_seconds=time.perf_counter() - t0, notify=notify, devices=devices)

@@ -119,7 +119,7 @@ class Broker:
         if self.config.engine == "ray":
             runtime["device"] = "cuda" if self.config.gpus_per_worker else "cpu"  # Ray gives the actor its GPUs
         elif devices:
-            runtime["device"] = devices[self.named % len(devices)]
+            runtime["device"] = devices[self.named % len(devices)].replace("+", ",")  # cuda:0+cuda:1: one model split
         share = 1 if devices and not devices[0].startswith("cpu") else min(self.config.most, usable_cpus())
         settings = {**self.base, "runtime": runtime, "slot": name, "share": share if self.config.engine == "local"
                     else 1, "api_root": str(self.data), "shared_data": self.config.shared_data,

@@ -33,6 +33,7 @@ class Pipeline:
     components = property(lambda self: self.model.components)
     family = property(lambda self: self.model.family)
     device = property(lambda self: self.model.device)
+    devices = property(lambda self: self.model.devices)  # several: one model split over them
     dtype = property(lambda self: self.model.dtype)
     plan = property(lambda self: self.model.plan)
     memory = property(lambda self: self.model.memory)

@@ -59,15 +59,20 @@ def measure(pipe, size: int, batch: int = 1, steps: int | None = None, seed: int
 def find_max(pipe, budget: int, steps: int | None = None, on_try=None) -> tuple[int | None, int | None, list]:
     """Largest square size, then largest batch at that size, that fit `budget` bytes."""
     from ..runtime.executor import model_sizes
-    from ..runtime.memory import make_plan
+    from ..runtime.memory import make_plan, split_plan
     from ..runtime.model import is_oom
 
     tried, best_size = [], None
     sizes = [s for s in SIZES if pipe.spec.min_side <= s <= pipe.spec.max_side]
+    devices = tuple(str(d) for d in pipe.devices)
 
     def fits(size, batch):
-        plan = make_plan(model_sizes(pipe.components), size, size, batch, budget, mode=pipe.memory,
-                         text_tokens=pipe.spec.max_sequence_length)
+        if len(devices) > 1:  # one model over several devices: the budget is each one's
+            plan = split_plan(model_sizes(pipe.components), devices, (budget,) * len(devices), size, size, batch,
+                              text_tokens=pipe.spec.max_sequence_length)
+        else:
+            plan = make_plan(model_sizes(pipe.components), size, size, batch, budget, mode=pipe.memory,
+                             text_tokens=pipe.spec.max_sequence_length)
         if not plan.fits or plan.batch_size < batch:
             return False, plan
         try:

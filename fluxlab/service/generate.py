@@ -53,6 +53,8 @@ def prepare(request: GenerateRequest, model: ModelRef | str, runtime: Runtime | 
         check_runtime(runtime, ref)
     source = locate(ref.name)
     job = resolve(request, source.spec) if source.spec is not None else None  # before any download
+    if job is not None and check_files:
+        check_split(runtime, ref, source.spec, job)
     source = fetch(source, ref.revision)
     if job is None:
         job = resolve(request, source.spec)
@@ -82,6 +84,26 @@ def check_runtime(runtime: Runtime, ref: ModelRef) -> None:
         if ref.quantize not in ok:
             raise UserError(f"--quantize {ref.quantize} is not supported on {device.type}; this device supports: "
                             f"{', '.join(ok)}")
+
+
+def check_split(runtime: Runtime, ref: ModelRef, spec, job) -> None:
+    """Several devices with a --budget: refused before anything loads when the model fits neither split over
+    them nor, as the fallback, streamed through the largest (from the catalog's declared sizes)."""
+    from ..runtime.memory import GB, catalog_sizes, human, make_plan, parse_size, split_plan
+
+    devices = tuple(runtime.device.split(","))
+    dtype = ref.dtype if ref.dtype != "auto" else spec.dtype
+    sizes = catalog_sizes(spec.sizes_gb, 4 if dtype == "fp32" else 2, 4 if spec.dtype == "fp32" else 2)
+    if len(devices) < 2 or runtime.budget is None or sizes is None:
+        return
+    budget = parse_size(runtime.budget)
+    kw = dict(text_tokens=spec.max_sequence_length, dtype_bytes=4 if dtype == "fp32" else 2)
+    split = split_plan(sizes, devices, (budget,) * len(devices), job.width, job.height, 1,
+                       reserve=min(GB // 2, budget // 8), **kw)
+    if not split.fits and not make_plan(sizes, job.width, job.height, 1, budget, mode="low", **kw).fits:
+        need = sizes.transformer + sizes.text_encoder + sizes.vae
+        raise UserError(f"--budget {runtime.budget} on each of {', '.join(devices)} cannot hold {spec.name} even split "
+                        f"or streamed (about {human(need)} of weights); give more devices or a larger budget")
 
 
 def pin_files(ref: ModelRef, source) -> tuple[ModelRef, list]:
@@ -122,13 +144,13 @@ def image_record(prep: Prepared, model, result, threads: int | None = None) -> d
     }
     if model.upcast:
         resolved["compute"] = "fp32"
-    if model.plan is not None and model.plan.budget:
+    if model.plan is not None and getattr(model.plan, "budget", None) != 0:  # 0: nothing was planned
         resolved["memory_plan"] = model.plan.as_dict()
     record = ImageRecord(
         fluxlab=__version__,
         request=job.record(result.prompt, result.seed),
         model=prep.ref.model_copy(update={"name": model.label, "dtype": dtype_name(model.dtype)}),
-        runtime=prep.runtime.model_copy(update={"device": str(model.device),
+        runtime=prep.runtime.model_copy(update={"device": ",".join(str(d) for d in model.devices),
                                                 "threads": threads if model.device.type == "cpu" else None}),
         resolved=resolved,
     )

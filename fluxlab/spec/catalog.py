@@ -32,7 +32,7 @@ class ModelSpec:
     text_encoder: str  # the encoder checkpoint this model must be paired with
     license: str
     gated: bool
-    sizes_gb: dict[str, float] = field(default_factory=dict)  # bf16 component sizes, approximate
+    sizes_gb: dict[str, float] = field(default_factory=dict)  # sizes in the model's own dtype (bf16; demo fp32)
     schedule: str = ""  # the reference schedule, in words (the numbers come from scheduler_config.json)
     min_side: int = 64
     max_side: int = 2048

@@ -191,7 +191,9 @@ class Runtime(Strict):
     model_config = ConfigDict(extra="forbid", strict=True)
     field_noun: ClassVar[str] = "runtime field"
 
-    device: str = Field("auto", description="auto|cpu|cuda|cuda:N|mps.")
+    device: str = Field("auto", description=(
+        "auto|cpu|cuda|cuda:N|mps, or several devices to split one model over: cuda:0,cuda:1."),
+        json_schema_extra={"flags": ["--device", "--devices"]})
     memory: str = Field("auto", description="Memory plan: auto | speed | balanced | low.",
                         json_schema_extra={"enum": list(MEMORY_MODES)})
     budget: str | None = Field(None, description="Plan for this much device memory, e.g. 6GB.")
@@ -227,9 +229,20 @@ class Runtime(Strict):
     def _device(cls, v):
         import re
 
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,2})?", v):
-            raise ValueError(f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N, mps")
-        return v
+        names = [d.strip() for d in v.split(",")]
+        for d in names:
+            if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,2})?", d):
+                raise ValueError(f"unknown device {d!r}; valid: auto, cpu, cuda, cuda:N, mps, or a list such as "
+                                 f"cuda:0,cuda:1")
+        if len(names) > 1:
+            if "auto" in names or "mps" in names:
+                raise ValueError(f"device list {v!r}: list cpu and cuda:N devices only (auto alone uses every GPU)")
+            seen = [("cuda:0" if d == "cuda" else d) for d in names if d != "cpu"]
+            twice = sorted({d for d in seen if seen.count(d) > 1})
+            if twice:
+                raise ValueError(f"device list {v!r} names {twice[0]} twice; list each GPU once (only cpu may "
+                                 f"repeat, which tests a split in host memory)")
+        return ",".join(names)
 
     @field_validator("budget")
     @classmethod

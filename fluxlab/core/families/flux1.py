@@ -80,7 +80,7 @@ class Flux1(Flux1Rules, Family):
         vae = self.c.vae
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         z = dist.sample(generator) if generator is not None else dist.mode()
-        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+        return ((z - vae.config.shift_factor) * vae.config.scaling_factor).to(pixels.device)
 
     def reference_tokens(self, latents: list):
         """Kontext: the input image's packed tokens, with ids (1, row, col) after the image's (0, row, col)."""
@@ -140,4 +140,4 @@ class Flux1(Flux1Rules, Family):
     @torch.no_grad()
     def decode(self, z):
         vae = self.c.vae
-        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0]

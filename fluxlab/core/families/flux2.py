@@ -122,7 +122,7 @@ class Flux2(Flux2Rules, Family):
         z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
-        return (z - mean) / std
+        return ((z - mean) / std).to(pixels.device)  # the VAE may sit on another device (a split plan)
 
     def pack(self, z):
         """(B, C, h, w) latents -> (B, h*w, C) tokens, row-major."""
@@ -232,4 +232,4 @@ class Flux2(Flux2Rules, Family):
     @torch.no_grad()
     def decode(self, z):
         vae = self.c.vae
-        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0]
