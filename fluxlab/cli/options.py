@@ -89,7 +89,7 @@ def group(model, skip=(), prefix: str = "", help_overrides: dict | None = None) 
     return Group(model, fields, prefix)
 
 
-REQUEST = group(GenerateRequest, skip=("prompt",))
+REQUEST = group(GenerateRequest, skip=("prompt", "upsampled_from"))
 MODEL = group(ModelRef, skip=("name", "loras", "transformer"))
 RUNTIME = group(Runtime, skip=("lean", "kv_cache", "preview_every", "preview_vae_every", "release_encoders"))
 

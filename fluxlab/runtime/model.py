@@ -364,6 +364,7 @@ class LoadedModel:
         self.prompt_cache.clear()
         self.adapters = None
         self._rgb = None
+        self._writer = None  # runtime.upsample's whole language model, when one was loaded
         self.family = None
         free_memory(self.device)
 

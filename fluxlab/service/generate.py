@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import __version__
 from ..errors import UserError
@@ -225,6 +225,25 @@ def generate(request: GenerateRequest | Prepared, model: ModelRef | str | None =
 PHASES = ("load", "inputs", "encode", "prepare", "denoise", "decode")
 
 
+def rewritten(model, job: Job) -> Job:
+    """The job with its prompts upsampled by the model's text encoder (runtime.upsample), seeded by its first
+    seed; the prompts as written are kept for the record."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from ..runtime.upsample import upsample
+
+    temperature, max_tokens = job.upsample
+    images = [PILImage.open(io.BytesIO(i.data) if i.data else i.path).convert("RGB") for i in job.images]
+    t0 = time.perf_counter()
+    new = upsample(model, list(job.prompts), images=images, temperature=temperature, max_tokens=max_tokens,
+                   seed=job.seeds[0], notify=model.notify)
+    for text in new:
+        model.notify(f"upsampled prompt ({time.perf_counter() - t0:.1f} s): {text}")
+    return replace(job, prompts=tuple(new), upsample=None, upsampled_from=tuple(job.prompts))
+
+
 def _run(prep: Prepared, model, events, cancel, writer, pool, applied) -> Iterator:
     from ..runtime.threads import tell_busy
 
@@ -232,6 +251,9 @@ def _run(prep: Prepared, model, events, cancel, writer, pool, applied) -> Iterat
     load_before = model.load_seconds - (pool.last_load_seconds if pool is not None else 0.0)
     encode_before = model.encode_seconds
     with model.notifying(lambda text: emit(events, Notice(text))):
+        if job.upsample:
+            job = rewritten(model, job)
+            prep = replace(prep, job=job)
         model.adapters.activate(prep.loras, fuse=prep.ref.fuse_lora)
         for text in truncation_notices(model, job):
             model.notify(text)

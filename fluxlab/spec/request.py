@@ -84,6 +84,16 @@ class GenerateRequest(Strict):
     cache: str | None = Field(None, **_cli("--cache", help=(
         "Step caching: fbc[:THRESHOLD] (First Block Cache: a step whose first block changes its output by less than "
         "THRESHOLD, default 0.1, reuses the other blocks' last change; faster, pixels move) | none (default).")))
+    upsample_prompt: bool | None = Field(None, **_cli("--upsample-prompt", help=(
+        "Rewrite each prompt into a detailed one with the model's own text encoder first (FLUX.2; BFL's system "
+        "messages); the image records both.")))
+    upsample_temperature: float | None = Field(None, **_cli("--upsample-temperature", help=(
+        "Sampling temperature of the rewrite, 0..2 (default 0.15; 0: greedy). Seeded by the image's seed.")))
+    upsample_max_tokens: int | None = Field(None, **_cli("--upsample-max-tokens", help=(
+        "Longest rewrite in tokens, 1..2048 (default 512).")))
+    upsampled_from: str | None = Field(None, description=(
+        "Recorded: the prompt as written before upsampling (the prompt field holds the rewrite, so --from does not "
+        "rewrite it again)."))
     preset: str | None = Field(None, **_cli("--preset", help="preview | balanced | quality, or a saved preset."))
     template: str | None = Field(None, **_cli("--template", help="Prompt template: photo, oil-painting, ... or a "
                                                                   "saved one."))

@@ -39,6 +39,8 @@ class Job:
     mask: object = None  # ImageInfo
     notices: tuple[str, ...] = field(default=(), compare=False)
     cache: str | None = None  # "fbc:T": step caching (core.stages.denoise)
+    upsample: tuple | None = None  # (temperature, max tokens): rewrite the prompts first (runtime.upsample)
+    upsampled_from: tuple | None = None  # the prompts as written, once rewritten (one per prompt)
 
     @property
     def prompt(self) -> str:
@@ -68,6 +70,7 @@ class Job:
             guidance=self.guidance, seed=seed, sampler=self.sampler, schedule=self.schedule,
             eta=self.eta or None, images=[ref(i) for i in self.images] or None, init=ref(self.init),
             strength=self.strength, mask=ref(self.mask), cache=self.cache,
+            upsampled_from=self.upsampled_from[self.prompts.index(prompt)] if self.upsampled_from else None,
         )
 
 
@@ -178,9 +181,42 @@ def resolve(req: GenerateRequest, spec) -> Job:
                             f"--steps")
         if kept < steps:
             notices.append(f"img2img at strength {strength:g} runs the last {kept} of {steps} steps")
+    upsample = _upsample(req, spec, notices)
     seeds = _seeds(req, len(prompts))
     return Job(tuple(prompts), negative, width, height, steps, guidance, seeds, sampler, schedule, eta, tuple(refs),
-               init, strength, mask, tuple(notices), cache=f"{cache[0]}:{cache[1]:g}" if cache else None)
+               init, strength, mask, tuple(notices), cache=f"{cache[0]}:{cache[1]:g}" if cache else None,
+               upsample=upsample,
+               upsampled_from=(req.upsampled_from,) * len(prompts) if req.upsampled_from and not upsample else None)
+
+
+def upsample_refusal(spec) -> str | None:
+    """Why a model cannot upsample prompts (None when it can): only FLUX.2's encoders are language models."""
+    if spec.family != "flux2":
+        return (f"{spec.name} cannot upsample prompts: FLUX.1's text encoders (T5, CLIP) embed text and cannot "
+                f"write it; FLUX.2 models (klein, dev) can")
+    if spec.bundled:
+        return (f"{spec.name} cannot upsample prompts: its 4-layer text encoder was trained to embed the demo's "
+                f"prompts, not to write; FLUX.2 models (klein, dev) can")
+    return None
+
+
+def _upsample(req: GenerateRequest, spec, notices: list[str]) -> tuple | None:
+    if not req.upsample_prompt:
+        for name, value in (("--upsample-temperature", req.upsample_temperature),
+                            ("--upsample-max-tokens", req.upsample_max_tokens)):
+            if value is not None:
+                notices.append(f"{name} is ignored without --upsample-prompt")
+        return None
+    refusal = upsample_refusal(spec)
+    if refusal:
+        raise UserError(refusal)
+    t = 0.15 if req.upsample_temperature is None else req.upsample_temperature
+    if not (math.isfinite(t) and 0 <= t <= 2):
+        raise UserError(f"upsample temperature {req.upsample_temperature} is out of range; valid: 0..2 (0: greedy)")
+    n = 512 if req.upsample_max_tokens is None else req.upsample_max_tokens
+    if not 1 <= n <= 2048:
+        raise UserError(f"upsample max tokens {n} is out of range; valid: 1..2048")
+    return (float(t), n)
 
 
 def kept_steps(steps: int, strength: float) -> int:
