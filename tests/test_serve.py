@@ -518,3 +518,25 @@ def test_tokens_and_binding(tmp_path, capsys):
     assert run(capsys, "token", "revoke", "alice", "--data", data)[0] == 0
     code, _, err = run(capsys, "token", "revoke", "alice", "--data", data)
     assert code == 2 and "no active token named 'alice'" in err
+
+
+def test_an_upsample_shows_the_rewrite_that_the_prediction_then_records(api):
+    """POST /v1/upsamples rewrites a prediction's prompt without generating (the page's Upsample button); sending
+    the rewrite back with upsampled_from gives the image the prediction with upsample_prompt makes itself."""
+    fields = dict(prompt="a red circle", seed=4, steps=2, width=64, height=64, upsample_max_tokens=12)
+    r = api.post("/v1/upsamples", json={"model": "tiny", "input": fields}, headers={"Prefer": "wait=60"})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["status"] == "succeeded", job
+    rewrite = job["output"]["prompts"][0]
+    assert job["output"]["upsampled_from"] == ["a red circle"] and rewrite != "a red circle"
+    assert api.get(f"/v1/upsamples/{job['id']}").json()["output"]["prompts"] == [rewrite]
+    itself = predict(api, model="tiny", upsample_prompt=True, **fields)
+    sent = predict(api, model="tiny", **{**fields, "prompt": rewrite, "upsampled_from": "a red circle"})
+    assert itself["status"] == sent["status"] == "succeeded"
+    a, b = (png(api, p["output"][0]) for p in (itself, sent))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    record = json.loads(b.info["fluxlab"])
+    assert record["request"]["prompt"] == rewrite and record["request"]["upsampled_from"] == "a red circle"
+    r = api.post("/v1/upsamples", json={"model": "tiny1", "input": {"prompt": "a cat"}})
+    assert r.status_code == 422 and "cannot upsample prompts" in r.text, r.text

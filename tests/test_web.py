@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("web")).start()
+def server(tmp_path_factory, tiny_dirs):
+    s = Server(tmp_path_factory.mktemp("web"), models={"tiny-klein": tiny_dirs["flux2-klein"]}).start()
     yield s
     s.stop()
 
@@ -112,6 +112,26 @@ def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
     assert by(d, "prompt").get_attribute("value") == PROMPT
     assert by(d, "seed").get_attribute("value") == "4242" and by(d, "steps").get_attribute("value") == "80"
     assert Select(by(d, "cache")).first_selected_option.get_attribute("value") == "fbc:0.05"
+
+
+def test_upsample_shows_an_editable_rewrite_that_the_image_records(server, logged_in):
+    d = logged_in
+    d.get(server.url + "/")
+    fill(d, prompt="a red circle", seed=3, width=64, height=64, steps=2)
+    by(d, "upsample").click()  # the demo cannot write: the reason, beside the prompt
+    error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"][data-field="prompt"]'))
+    assert "demo cannot upsample prompts" in error[0].text
+    Select(by(d, "model")).select_by_value("tiny-klein")
+    by(d, "upsample").click()
+    wait(d, lambda d: by(d, "prompt").get_attribute("value") not in ("a red circle", ""))
+    rewrite = by(d, "prompt").get_attribute("value")
+    assert d.find_element(By.NAME, "upsampled_from").get_attribute("value") == "a red circle"
+    by(d, "prompt").send_keys(" zz")  # edited before generating
+    by(d, "submit").click()
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    with server.client() as api:
+        job = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+    assert job["input"]["prompt"] == rewrite + " zz" and job["input"]["upsampled_from"] == "a red circle"
 
 
 def test_cancel_from_the_page(server, logged_in):

@@ -39,6 +39,11 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
             for row, url in zip(rows, urls("dataset"), strict=False):
                 row["url"] = url
             output = {"captions": rows, "zip": (urls("zip") or [None])[0]}
+    elif job["kind"] == "upsample":
+        listed = store.outputs(job["id"], "prompts")
+        output = None
+        if listed and Path(listed[0]["path"]).is_file():
+            output = json.loads(Path(listed[0]["path"]).read_text())
     else:
         loras = store.outputs(job["id"], "lora")
         output = {"samples": urls("sample")}
@@ -191,6 +196,7 @@ STREAM_DOCS = {
     "batch": "Server-Sent Events: status, progress {done, failed, total}, output (each image), done.",
     "grid": "Server-Sent Events: progress {done, total}, output (each cell, then the sheet and the CSV), done.",
     "caption": "Server-Sent Events: progress {done, total, image, caption, eta_s}, output (captions, zip), done.",
+    "upsample": "Server-Sent Events: status, output (the rewritten prompts), done.",
 }
 CANCEL_DOCS = {"training": "Stop a training after its current step, saving a checkpoint first (resume continues "
                            "from it)."}

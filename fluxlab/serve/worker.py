@@ -121,7 +121,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             run = {"training": self.train, "batch": self.batch, "grid": self.grid,
-                   "caption": self.caption}.get(job["kind"], self.predict)
+                   "caption": self.caption, "upsample": self.upsample}.get(job["kind"], self.predict)
             metrics = run(job)
             metrics["total_time"] = round(time.perf_counter() - t0, 4)
             self.send(job_id, "done", status="succeeded", error=None, metrics=metrics)
@@ -178,6 +178,31 @@ class Worker:
         metrics = {f"{k}_time": v for k, v in state["summary"].get("phases_s", {}).items()}
         metrics["predict_time"] = round(time.perf_counter() - state["started"], 4) if state["started"] else None
         return metrics
+
+    def upsample(self, job: dict) -> dict:
+        """A prediction's prompts rewritten on the pooled model (service.generate.rewritten), as one JSON output."""
+        import json
+
+        from ..files import atomic_write
+        from ..service.generate import prepare, rewritten
+        from ..spec.request import GenerateRequest, ModelRef, Runtime
+
+        plan, job_id = job["plan"], job["id"]
+        request = GenerateRequest.model_validate(plan["request"])
+        runtime = Runtime.model_validate(self.settings.get("runtime", {}))
+        prep = prepare(request, ModelRef.model_validate(plan["model"]), runtime)
+        self.send(job_id, "loading", model=prep.source.label)
+        t0 = time.perf_counter()
+        model = self.pool.get(prep.ref, runtime, lambda text: None, source=prep.source)
+        self.send(job_id, "processing", load_time=round(time.perf_counter() - t0, 4))
+        started = time.perf_counter()
+        with model.notifying(lambda text: None):
+            done = rewritten(model, prep.job)
+        listing = Path(plan["out"]) / "prompts.json"
+        text = json.dumps({"prompts": list(done.prompts), "upsampled_from": list(done.upsampled_from)}, indent=1)
+        atomic_write(listing, lambda tmp: tmp.write_text(text + "\n"))
+        self.send(job_id, "output", kind="prompts", idx=0, path=str(listing), seed=None)
+        return {"predict_time": round(time.perf_counter() - started, 4)}
 
     # -- grids ----------------------------------------------------------------------------------------
     def grid(self, job: dict) -> dict:

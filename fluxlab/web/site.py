@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 INTS = ("width", "height", "steps", "seed", "num_images")
 FLOATS = ("guidance", "strength", "eta")
-TEXTS = ("prompt", "negative", "sampler", "schedule", "cache", "preset", "template")
+TEXTS = ("prompt", "negative", "sampler", "schedule", "cache", "preset", "template", "upsampled_from")
 CACHES = (("none", "none"), ("fbc", "First Block Cache (faster, pixels move a little)"),
           ("fbc:0.05", "First Block Cache, careful (0.05)"), ("fbc:0.2", "First Block Cache, fast (0.2)"))
 FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "images", "init", "mask", "model", "input_images", "trigger_word",

@@ -3,10 +3,11 @@
 "use strict";
 
 const FIELDS = ["prompt", "negative", "width", "height", "steps", "guidance", "seed", "num_images", "sampler",
-  "schedule", "cache", "eta", "strength", "preset", "template", "lora", "images", "init", "mask", "model"];
+  "schedule", "cache", "eta", "strength", "preset", "template", "lora", "images", "init", "mask", "model",
+  "upsampled_from"];
 
-async function api(method, path, body) {
-  const init = { method, credentials: "same-origin", headers: {} };
+async function api(method, path, body, headers = {}) {
+  const init = { method, credentials: "same-origin", headers: { ...headers } };
   if (body instanceof FormData) init.body = body;
   else if (body !== undefined) { init.body = JSON.stringify(body); init.headers["content-type"] = "application/json"; }
   const r = await fetch(path, init);
@@ -60,6 +61,36 @@ function outputLink(url) {
 }
 
 // -- generate ----------------------------------------------------------------------------------------------------
+// "Upsample prompt": POST /v1/upsamples rewrites the prompt with the model's text encoder; the rewrite replaces
+// the prompt (editable) and the words as written go with the prediction as upsampled_from.
+function setupUpsample(form, model) {
+  const button = document.getElementById("upsample");
+  document.getElementById("upsample-row").hidden = false;
+  button.addEventListener("click", async () => {
+    clearErrors(form);
+    const written = form.elements.upsampled_from.value || form.elements.prompt.value;
+    const input = { prompt: form.elements.prompt.value };
+    const seed = form.elements.seed.value.trim();
+    if (/^\d+$/.test(seed)) input.seed = parseInt(seed, 10);
+    button.disabled = true;
+    button.textContent = "Upsampling…";
+    const r = await api("POST", "/v1/upsamples", { model: model.value, input }, { Prefer: "wait=300" });
+    button.disabled = false;
+    button.textContent = "Upsample prompt";
+    if (r.status !== 201) {  // shown beside the prompt unless it names another field
+      const message = r.data ? String(r.data.detail) : `error ${r.status}`;
+      showError(form, fieldOf(message) ? message : `prompt: ${message}`);
+      return;
+    }
+    if (r.data.status !== "succeeded") { showError(form, `prompt: ${r.data.error || r.data.status}`); return; }
+    form.elements.prompt.value = r.data.output.prompts[0];
+    form.elements.upsampled_from.value = written;
+  });
+  form.elements.prompt.addEventListener("input", () => {  // cleared, the prompt is the user's own again
+    if (!form.elements.prompt.value.trim()) form.elements.upsampled_from.value = "";
+  });
+}
+
 function setupGenerate() {
   const form = document.getElementById("generate");
   const model = form.querySelector('[name="model"]');
@@ -82,11 +113,12 @@ function setupGenerate() {
     form.querySelector('[name="width"]').value = w;
     form.querySelector('[name="height"]').value = h;
   });
+  setupUpsample(form, model);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     clearErrors(form);
     const input = {};
-    for (const name of ["prompt", "negative", "sampler", "schedule", "cache", "preset", "template"]) {
+    for (const name of ["prompt", "negative", "sampler", "schedule", "cache", "preset", "template", "upsampled_from"]) {
       const v = form.elements[name].value;
       if (v !== "" && !(name === "negative" && negative.hidden)) input[name] = v;
     }
