@@ -134,6 +134,34 @@ def test_upsample_shows_an_editable_rewrite_that_the_image_records(server, logge
     assert job["input"]["prompt"] == rewrite + " zz" and job["input"]["upsampled_from"] == "a red circle"
 
 
+def test_every_model_with_its_state_presets_from_its_range_and_its_defaults(server, logged_in):
+    from fluxlab.spec.catalog import CATALOG
+
+    d = logged_in
+    d.get(server.url + "/")
+    model = Select(by(d, "model"))
+    assert set(CATALOG) | {"tiny-klein"} <= {o.get_attribute("value") for o in model.options}
+    assert model.first_selected_option.get_attribute("value") == "demo"  # what runs here, not a missing model
+
+    def presets():
+        return [tuple(int(x) for x in o.get_attribute("value").split("x")) for o in Select(by(d, "aspect")).options[1:]]
+
+    demo = CATALOG["demo"]
+    assert presets() and all(demo.min_side <= s <= demo.max_side for wh in presets() for s in wh), presets()
+    assert by(d, "steps").get_attribute("placeholder") == str(demo.steps)
+    assert by(d, "guidance").get_attribute("placeholder") == str(demo.guidance)
+    assert by(d, "model-note").text.startswith("ready")
+    model.select_by_value("flux2-klein-4b")
+    note = by(d, "model-note").text
+    assert "not downloaded" in note and f"hf download {CATALOG['flux2-klein-4b'].repo}" in note
+    assert (1024, 1024) in presets() and by(d, "steps").get_attribute("placeholder") == "4"
+    model.select_by_value("flux1-dev")
+    assert "accept the licence on https://huggingface.co/black-forest-labs/FLUX.1-dev" in by(d, "model-note").text
+    model.select_by_value("demo")
+    Select(by(d, "aspect")).select_by_visible_text("9:16 (64x112)")
+    assert (by(d, "width").get_attribute("value"), by(d, "height").get_attribute("value")) == ("64", "112")
+
+
 def test_cancel_from_the_page(server, logged_in):
     d = logged_in
     d.get(server.url + "/")
@@ -284,6 +312,13 @@ def test_the_page_works_without_javascript(server, logged_in):
         assert "sig=" not in thumb and c.get(thumb).headers["content-type"] == "image/jpeg"
         bad = c.post("/generate", data={"prompt": PROMPT, "width": "100", "model": "demo"})
         assert bad.status_code == 422 and 'data-field="width"' in bad.text and "multiple of 16" in bad.text
+        # The size preset works without JavaScript: the posted preset is the image's size.
+        r = c.post("/generate", data={"prompt": PROMPT, "seed": "32", "steps": "2", "model": "demo",
+                                      "aspect_preset": "64x112"})
+        assert r.status_code == 303
+        with server.client() as api:
+            job = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+        assert (job["input"]["width"], job["input"]["height"]) == (64, 112)
 
 
 def test_a_dataset_is_captioned_edited_and_trained_from_the_page(server, logged_in, tmp_path):

@@ -16,6 +16,29 @@ ASPECTS: dict[str, tuple[int, int]] = {
     "512": (512, 512),
     "768": (768, 768),
 }
+RATIOS = ("1:1", "3:4", "4:3", "9:16", "16:9")
+
+
+def sizes_for(default_size: tuple[int, int], min_side: int, max_side: int) -> dict[str, tuple[int, int]]:
+    """Size presets for one model: each aspect ratio at the model's own area (what it was made for; larger when
+    the short side would fall under the model's minimum), multiples of 16 inside its side range; then its largest
+    square. The demo's are 64-256 px, FLUX's around 1 MP."""
+    area = default_size[0] * default_size[1]
+    lo = -(-min_side // 16) * 16
+
+    def side(x: float) -> int:
+        return min(max_side, max(lo, round(x / 16) * 16))
+
+    out = {}
+    for ratio in RATIOS:
+        a, b = (int(x) for x in ratio.split(":"))
+        w, h = (area * a / b) ** 0.5, (area * b / a) ** 0.5
+        k = max(1.0, lo / min(w, h))
+        out[ratio] = (side(w * k), side(h * k))
+    out["largest"] = (max_side - max_side % 16, max_side - max_side % 16)
+    return out
+
+
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 500
 MAX_IMAGES = 1000

@@ -56,6 +56,10 @@ async def logout(request: Request):
 
 def prediction_input(form: dict) -> dict:
     inp: dict = {}
+    preset = form.get("aspect_preset", "")
+    if preset and not (form.get("width", "").strip() or form.get("height", "").strip()):  # the page without JS
+        w, _, h = preset.partition("x")
+        form = {**form, "width": w, "height": h}
     for k in TEXTS:
         if form.get(k):
             inp[k] = form[k]

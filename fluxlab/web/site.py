@@ -99,18 +99,38 @@ def safe_next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/"
 
 
+def model_state(m: dict, named: bool) -> tuple[str, str]:
+    """A model's state on this server, and what to do about it, in one line."""
+    if m.get("bundled") or named:
+        return "ready", "ready" + (" (loaded)" if m.get("loaded") else "")
+    if m.get("cached_gb"):
+        return "ready", f"ready: downloaded ({m['cached_gb']:.1f} GB)" + (", loaded" if m.get("loaded") else "")
+    repo = m.get("repo", "")
+    get = (f"the server downloads it on first use when it can reach the hub; otherwise `hf download {repo}` "
+           f"where you can and copy the hub cache to the server")
+    if m.get("gated"):
+        return "gated", (f"gated, not downloaded ({m.get('size_gb', 0):.1f} GB): accept the licence on "
+                         f"https://huggingface.co/{repo} and `hf auth login` on the server; {get}")
+    return "missing", f"not downloaded ({m.get('size_gb', 0):.1f} GB): {get}"
+
+
 async def choices(request: Request) -> dict:
     from ..spec.presets import BUILTIN_PRESETS, BUILTIN_TEMPLATES
     from ..spec.samplers import SAMPLERS
-    from ..spec.values import ASPECTS
+    from ..spec.values import ASPECTS, sizes_for
 
     settings = request.app.state.server.settings
     data = (await call(request, "GET", "/v1/models")).json()
-    models = [m for m in data["models"] if m.get("bundled") or m.get("cached_gb") or m["name"] in settings.models]
+    models = data["models"]
     for m in models:
         m.setdefault("guidance_mode", "cfg")
         m.setdefault("steps", "")
+        m.setdefault("guidance", "")
         m.setdefault("default_size", ["", ""])
+        m["state"], m["note"] = model_state(m, m["name"] in settings.models)
+        m["sizes"] = ",".join(f"{k}={w}x{h}" for k, (w, h) in sizes_for(
+            tuple(m["default_size"]), m["min_side"], m["max_side"]).items()) if m.get("min_side") else ""
+    models.sort(key=lambda m: m["state"] != "ready")  # what can run now first: every form's default
     presets = sorted({p for group in BUILTIN_PRESETS.values() for p in group})
     from ..caption.catalog import CAPTIONERS
 

@@ -43,6 +43,22 @@ class ModelPrediction(JobCreate):
     stream: bool | None = None
 
 
+def defaults_of(folder: str) -> dict:
+    """A --model folder's family, defaults and size range (from its own files), as catalog rows carry them."""
+    from ...errors import UserError
+    from ...runtime.loading import locate
+
+    try:
+        spec = locate(folder).spec
+    except UserError:  # a folder gone since the server started: listed without defaults
+        return {}
+    if spec is None:
+        return {}
+    return {"family": spec.family, "steps": spec.steps, "guidance": spec.guidance,
+            "guidance_mode": spec.guidance_mode, "default_size": list(spec.default_size),
+            "min_side": spec.min_side, "max_side": spec.max_side}
+
+
 @router.get("")
 def models(who: Owner, srv: Srv, request: Request) -> dict:
     """The catalog, the server's own models, which are loaded, and this token's LoRAs; and, as Replicate lists
@@ -51,8 +67,8 @@ def models(who: Owner, srv: Srv, request: Request) -> dict:
 
     loaded = srv.broker.loaded
     rows = [{**r, "loaded": r["name"] in loaded} for r in catalog()]
-    rows += [{"name": n, "ref": f"fluxlab/{n}", "bundled": False, "loaded": str(Path(p).resolve()) in loaded}
-             for n, p in srv.settings.models.items()]
+    rows += [{"name": n, "ref": f"fluxlab/{n}", "bundled": False, "loaded": str(Path(p).resolve()) in loaded,
+              **defaults_of(p)} for n, p in srv.settings.models.items()]
     loras = [{"name": r["name"], "training": r["job_id"], "trigger_word": r["trigger"], "sha256": r["sha256"]}
              for r in srv.store.loras(who)]
     names = [*refs.shared_models(srv), refs.TRAINER, *(f"{who}/{m['name']}" for m in srv.store.models(who))]

@@ -95,19 +95,28 @@ function setupGenerate() {
   const form = document.getElementById("generate");
   const model = form.querySelector('[name="model"]');
   const negative = document.getElementById("negative-field");
-  const toggleNegative = () => {  // and the model's own defaults as placeholders
+  const aspect = document.getElementById("aspect");
+  const toggleNegative = () => {  // and the model's own defaults as placeholders, its size presets, its state
     const opt = model.selectedOptions[0];
     negative.hidden = !opt || opt.dataset.guidanceMode !== "cfg";
-    for (const [name, key] of [["width", "width"], ["height", "height"], ["steps", "steps"]]) {
-      form.elements[name].placeholder = opt ? opt.dataset[key] || "" : "";
+    for (const name of ["width", "height", "steps", "guidance"]) {
+      form.elements[name].placeholder = opt ? opt.dataset[name] || "" : "";
     }
+    document.getElementById("model-note").textContent = opt ? opt.dataset.note || "" : "";
+    const keep = aspect.value;
+    aspect.replaceChildren(aspect.options[0]);
+    for (const entry of (opt && opt.dataset.sizes ? opt.dataset.sizes.split(",") : [])) {
+      const [name, wh] = entry.split("=");
+      aspect.appendChild(el("option", { value: wh }, `${name} (${wh})`));
+    }
+    aspect.value = Array.from(aspect.options).some((o) => o.value === keep) ? keep : "";
   };
   model.addEventListener("change", toggleNegative);
   toggleNegative();
   document.getElementById("dice").addEventListener("click", () => {
     form.querySelector('[name="seed"]').value = String(Math.floor(Math.random() * 4294967296));
   });
-  document.getElementById("aspect").addEventListener("change", (ev) => {
+  aspect.addEventListener("change", (ev) => {
     if (!ev.target.value) return;
     const [w, h] = ev.target.value.split("x");
     form.querySelector('[name="width"]').value = w;
