@@ -18,6 +18,7 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from serving import Server
 
@@ -360,3 +361,69 @@ def test_a_dataset_is_captioned_edited_and_trained_from_the_page(server, logged_
     with zipfile.ZipFile(uploads[-1]) as z:
         assert z.read("ring_0.txt").decode() == "zxq, edited by hand\n"
         assert z.read("ring_1.txt").decode().startswith("a ") and "zxq" in z.read("ring_1.txt").decode()
+
+
+LOOK = """
+const lum = (c) => {
+  const [r, g, b] = c.map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+};
+const rgba = (s) => (s.match(/[\\d.]+/g) || []).map(Number);
+const backdrop = (el) => {  // the first ancestor (or itself) with an opaque background
+  for (let e = el; e; e = e.parentElement) {
+    const c = rgba(getComputedStyle(e).backgroundColor);
+    if (c.length === 3 || (c.length === 4 && c[3] > 0.5)) return c.slice(0, 3);
+  }
+  return rgba(getComputedStyle(document.documentElement).color).slice(0, 3).map((v) => 255 - v);
+};
+const ratio = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+const shown = (el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== "hidden";
+const low = [], unlabeled = [];
+for (const el of document.querySelectorAll("body *")) {
+  if (!shown(el)) continue;
+  const field = ["INPUT", "SELECT", "TEXTAREA"].includes(el.tagName) && el.type !== "file";
+  const text = Array.from(el.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim());
+  if (!field && !text) continue;
+  const r = ratio(rgba(getComputedStyle(el).color).slice(0, 3), backdrop(el));
+  if (r < 4.5) low.push(`${el.tagName} "${(el.textContent || el.value || "").trim().slice(0, 30)}" ${r.toFixed(2)}`);
+}
+for (const c of document.querySelectorAll("input, select, textarea, button")) {
+  if (c.type === "hidden" || !shown(c)) continue;
+  const named = c.closest("label") || c.getAttribute("aria-label") ||
+    (c.id && document.querySelector(`label[for="${c.id}"]`)) || (c.tagName === "BUTTON" && c.textContent.trim());
+  if (!named) unlabeled.push(c.outerHTML.slice(0, 90));
+}
+return {low, unlabeled, page: rgba(getComputedStyle(document.body).backgroundColor).slice(0, 3),
+        overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth};
+"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_look_measured_contrast_labels_focus_and_no_sideways_scroll(server, logged_in, scheme):
+    """What a Lighthouse run would check, measured in the browser: every text at least 4.5:1 against what is
+    behind it, every control labelled, keyboard focus visible, and no horizontal scrolling on a 390 px phone;
+    in the light and the dark theme (the system's setting)."""
+    d = logged_in
+    d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+    try:
+        for path in ("/", "/gallery", "/train", "/grid", "/queue"):
+            d.get(server.url + path)
+            seen = d.execute_script(LOOK)
+            assert not seen["low"], (path, seen["low"])
+            assert not seen["unlabeled"], (path, seen["unlabeled"])
+            dark = sum(seen["page"]) < 3 * 60
+            assert dark == (scheme == "dark"), (path, seen["page"])
+        d.get(server.url + "/")
+        body = d.find_element(By.TAG_NAME, "body")
+        for _ in range(12):  # the keyboard's focus ring shows on every control it reaches
+            body.send_keys(Keys.TAB) if d.switch_to.active_element.tag_name == "body" else \
+                d.switch_to.active_element.send_keys(Keys.TAB)
+            style = d.execute_script("const s = getComputedStyle(document.activeElement);"
+                                     "return [document.activeElement.tagName, s.outlineStyle, s.outlineWidth];")
+            assert style[1] != "none" and float(style[2].rstrip("px")) >= 2, style
+        d.set_window_size(390, 844)
+        d.get(server.url + "/")
+        assert d.execute_script(LOOK)["overflow"] <= 0
+    finally:
+        d.set_window_size(1100, 1300)
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
