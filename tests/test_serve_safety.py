@@ -472,6 +472,7 @@ def test_no_server_path_reaches_a_client(server, tenants, tmp_path):
     out_id = urlsplit(job["output"][0]).path.rsplit("/", 1)[1]  # the URL is signed: ?expires=...&sig=...
     record = api.get(f"/v1/outputs/{out_id}/record").text
     assert secret not in record and "init.png" in record
+    assert json.loads(record)["files"]["init"] == init  # her own upload's id, what "use these settings" sends
     png = api.get(job["output"][0]).content
     assert secret.encode() not in png
     assert Image.open(io.BytesIO(png)).text["fluxlab"]  # still a readable record

@@ -163,6 +163,39 @@ def test_every_model_with_its_state_presets_from_its_range_and_its_defaults(serv
     assert (by(d, "width").get_attribute("value"), by(d, "height").get_attribute("value")) == ("64", "112")
 
 
+def test_reuse_keeps_the_inputs_and_errors_speak_the_page_words(server, logged_in, tmp_path):
+    """"Use these settings" on an img2img image brings back its init image (by upload id) with its strength, and
+    Generate makes it again; without the init, the error names the page's fields, not CLI flags."""
+    from PIL import Image as PILImage
+
+    d = logged_in
+    start = tmp_path / "start.png"
+    PILImage.new("RGB", (64, 64), (30, 160, 60)).save(start)
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, seed=77, steps=2, width=64, height=64, strength=0.5)
+    by(d, "init").send_keys(str(start))
+    by(d, "submit").click()
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    with server.client() as api:
+        first = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+    out_id = first["output"][0].split("?")[0].rstrip("/").split("/")[-1]
+    d.get(server.url + f"/image/{out_id}")
+    assert "/" not in by(d, "detail-settings").text.split("start.png")[0].split()[-1]  # a name, not a path
+    by(d, "reuse").click()
+    assert by(d, "keep-init").is_selected() and by(d, "strength").get_attribute("value") == "0.5"
+    by(d, "submit").click()
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    with server.client() as api:
+        again = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+    assert again["id"] != first["id"] and again["input"]["init"] == first["input"]["init"]
+    assert again["input"]["strength"] == 0.5
+    d.get(server.url + f"/?from={out_id}")
+    by(d, "keep-init").click()  # drop the init, keep the strength
+    by(d, "submit").click()
+    error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"][data-field="strength"]'))
+    assert "Init strength needs Init image" in error[0].text and "--" not in error[0].text
+
+
 def test_cancel_from_the_page(server, logged_in):
     d = logged_in
     d.get(server.url + "/")

@@ -17,6 +17,7 @@ from .site import (
     dataset_view,
     field_of,
     guarded,
+    in_page_words,
     number,
     render,
     safe_next,
@@ -99,12 +100,15 @@ async def generate_form(request: Request):
             errors[k] = error
         elif infos:
             inp[k] = [i["id"] for i in infos] if k == "images" else infos[0]["id"]
+        elif form.get(f"keep_{k}") and form.get(f"{k}_file"):  # kept from a reused image, by upload id
+            ids = form[f"{k}_file"].split(",")
+            inp[k] = ids if k == "images" else ids[0]
     if not errors:
         r = await call(request, "POST", "/v1/predictions", json={"model": form.get("model", "demo"), "input": inp})
         if r.status_code == 201:
             return RedirectResponse(f"/jobs/{r.json()['id']}", status_code=303)
         detail = r.json().get("detail", str(r.status_code))
-        errors[field_of(detail)] = detail
+        errors[field_of(detail)] = in_page_words(detail)
     return render(request, "generate.html", status=422, page="generate", title="Generate", form=form,
                   errors=errors, **(await choices(request)))
 

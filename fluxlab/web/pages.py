@@ -138,7 +138,7 @@ async def image_page(request: Request, out_id: str):
         return Response(f"no image {out_id}", status_code=404, media_type="text/plain")
     from ..spec.record import ImageRecord
 
-    record = ImageRecord.model_validate(r.json())
+    record = ImageRecord.model_validate({k: v for k, v in r.json().items() if k != "files"})
     return render(request, "image.html", page="image", title="Image", out_id=out_id, flat=record.flat(),
                   timings=record.timings or {})
 
@@ -209,6 +209,13 @@ def reuse(record: dict, loras: list, models: dict) -> dict:
     name = record.get("model", {}).get("name", "demo")
     by_path = {str(Path(p).resolve()): n for n, p in models.items()}
     form["model"] = by_path.get(name, name)
+    files, request = record.get("files") or {}, record.get("request", {})
+    for key in ("init", "mask"):  # kept by upload id, shown by name
+        if files.get(key):
+            form[f"{key}_file"], form[f"{key}_name"] = files[key], Path(request[key]["path"]).name
+    if files.get("images"):
+        form["images_file"] = ",".join(files["images"])
+        form["images_name"] = ", ".join(Path(r["path"]).name for r in request.get("images") or [])
     used = record.get("model", {}).get("loras") or []
     if used:
         match = next((lo["name"] for lo in loras if lo.get("sha256") == used[0].get("sha256")), None)

@@ -24,6 +24,21 @@ FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "images", "init", "mask", "model", "in
           "config")
 
 
+# The CLI's flags as the page labels them: errors come from the one service layer in the CLI's words, and the page
+# shows them in its own.
+PAGE_WORDS = {"--strength": "Init strength", "--init": "Init image", "--mask": "Mask", "--image": "Reference images",
+              "--width": "Width", "--height": "Height", "--steps": "Steps", "--guidance": "Guidance",
+              "--seed": "Seed", "--negative": "Negative prompt", "--cache": "Step cache", "--sampler": "Sampler",
+              "--schedule": "Schedule", "--eta": "Eta", "--preset": "Preset", "--template": "Template",
+              "--lora": "LoRA", "--num-images": "Number of images", "--aspect": "Size"}
+
+
+def in_page_words(message: str) -> str:
+    for flag in sorted(PAGE_WORDS, key=len, reverse=True):
+        message = re.sub(re.escape(flag) + r"\b", PAGE_WORDS[flag], message)
+    return message
+
+
 def store(request: Request):
     return request.app.state.server.store
 
@@ -136,6 +151,7 @@ async def choices(request: Request) -> dict:
 
     captioners = [{"name": c.name, "description": c.description} for c in CAPTIONERS.values()]
     return {"models": models, "loras": data["loras"], "samplers": list(SAMPLERS), "caches": CACHES, "aspects": ASPECTS,
+            "page_words": PAGE_WORDS,
             "presets": presets, "templates": sorted(BUILTIN_TEMPLATES), "captioners": captioners}
 
 

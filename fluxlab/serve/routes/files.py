@@ -84,14 +84,23 @@ def list_outputs(who: Owner, srv: Srv, request: Request, before: Annotated[float
 
 @outputs.get("/{output_id}/record")
 def output_record(output_id: str, who: Owner, srv: Srv) -> dict:
-    """The settings an image was made with (its PNG's record; files by name, never by the server's path)."""
+    """The settings an image was made with (its PNG's record; files by name, never by the server's path), and in
+    `files` the ids of the caller's uploads that were its init, mask and reference images."""
     from ...service.outputs import read_record
 
     o = srv.store.output(output_id, who)
     if o is None or o["kind"] not in ("image", "cell") or not Path(o["path"]).is_file():
         raise ApiError(404, f"no image {output_id!r}")
     record = read_record(o["path"]).model_dump(mode="json", exclude_none=True)
-    return json.loads(public(json.dumps(record), srv.settings))
+    request = record.get("request", {})
+
+    def upload(ref):  # the caller's own upload with these bytes, if it still has one: what "reuse" sends again
+        f = srv.store.file_with(who, ref.get("sha256") or "", "image") if isinstance(ref, dict) else None
+        return f["id"] if f else None
+
+    files = {"init": upload(request.get("init")), "mask": upload(request.get("mask")),
+             "images": [i for i in (upload(r) for r in request.get("images") or []) if i]}
+    return {**json.loads(public(json.dumps(record), srv.settings)), "files": files}
 
 
 @outputs.delete("/{output_id}")

@@ -33,10 +33,22 @@ function fieldOf(message) {
 
 function clearErrors(form) { form.querySelectorAll(".error[data-js]").forEach((e) => e.remove()); }
 
+// The CLI's flags in an error, as the page labels them (the server's PAGE_WORDS, in the page as JSON).
+function inPageWords(message) {
+  const words = document.getElementById("page-words");
+  if (!words) return message;
+  const map = JSON.parse(words.textContent);
+  for (const flag of Object.keys(map).sort((a, b) => b.length - a.length)) {
+    message = message.split(flag).join(map[flag]);
+  }
+  return message;
+}
+
 function showError(form, message) {
   const field = fieldOf(message);
   const input = field && form.querySelector(`[name="${field}"]`);
-  const note = el("span", { class: "error", "data-testid": "field-error", "data-field": field, "data-js": "1" }, message);
+  const note = el("span", { class: "error", "data-testid": "field-error", "data-field": field, "data-js": "1" },
+    inPageWords(message));
   if (input) input.closest("label").appendChild(note);
   else form.prepend(note);
 }
@@ -152,6 +164,8 @@ function setupGenerate() {
         if (up.status !== 201) { showError(form, `${name}: ${up.data ? up.data.detail : up.status}`); return; }
         ids.push(up.data.id);
       }
+      const kept = form.elements[`keep_${name}`];
+      if (!ids.length && kept && kept.checked) ids.push(...form.elements[`${name}_file`].value.split(","));
       if (ids.length) input[name] = name === "images" ? ids : ids[0];
     }
     const r = await api("POST", "/v1/predictions", { model: model.value, input });
