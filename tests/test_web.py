@@ -97,7 +97,7 @@ def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
         time.sleep(0.02)
     assert len(seen) >= 2, seen  # the bar moved while it ran
     assert preview and "/preview" in preview
-    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text.startswith("succeeded"))
     assert not by(d, "preview").is_displayed()  # the image took the preview's place
     if os.environ.get("FLUXLAB_UPDATE_SCREENSHOT"):  # the README's picture, taken by this browser
         d.set_window_size(1100, 1120)
@@ -129,7 +129,7 @@ def test_upsample_shows_an_editable_rewrite_that_the_image_records(server, logge
     assert d.find_element(By.NAME, "upsampled_from").get_attribute("value") == "a red circle"
     by(d, "prompt").send_keys(" zz")  # edited before generating
     by(d, "submit").click()
-    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text.startswith("succeeded"))
     with server.client() as api:
         job = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
     assert job["input"]["prompt"] == rewrite + " zz" and job["input"]["upsampled_from"] == "a red circle"
@@ -175,7 +175,7 @@ def test_reuse_keeps_the_inputs_and_errors_speak_the_page_words(server, logged_i
     fill(d, prompt=PROMPT, seed=77, steps=2, width=64, height=64, strength=0.5)
     by(d, "init").send_keys(str(start))
     by(d, "submit").click()
-    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text.startswith("succeeded"))
     with server.client() as api:
         first = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
     out_id = first["output"][0].split("?")[0].rstrip("/").split("/")[-1]
@@ -184,7 +184,7 @@ def test_reuse_keeps_the_inputs_and_errors_speak_the_page_words(server, logged_i
     by(d, "reuse").click()
     assert by(d, "keep-init").is_selected() and by(d, "strength").get_attribute("value") == "0.5"
     by(d, "submit").click()
-    wait(d, lambda d: d.find_element(By.ID, "progress-text").text == "succeeded")
+    wait(d, lambda d: d.find_element(By.ID, "progress-text").text.startswith("succeeded"))
     with server.client() as api:
         again = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
     assert again["id"] != first["id"] and again["input"]["init"] == first["input"]["init"]
@@ -194,6 +194,41 @@ def test_reuse_keeps_the_inputs_and_errors_speak_the_page_words(server, logged_i
     by(d, "submit").click()
     error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"][data-field="strength"]'))
     assert "Init strength needs Init image" in error[0].text and "--" not in error[0].text
+
+
+def test_the_result_panel_keeps_this_visits_results_and_shows_the_queue(server, logged_in):
+    """Settings left and the result right on a wide screen (stacked on a phone); four images as a grid, each with
+    its seed, size, Download and Reuse; the previous result stays in a strip; a waiting job shows its place in the
+    queue and that the queue is paused."""
+    d = logged_in
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, seed=500, steps=2, width=64, height=64, num_images=4)
+    by(d, "submit").click()
+    wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded in"))
+    figures = d.find_elements(By.CSS_SELECTOR, '#results [data-testid="result"]')
+    assert [f.find_element(By.TAG_NAME, "figcaption").text.split(" · ")[:2] for f in figures] == \
+        [[f"seed {500 + i}", "64x64"] for i in range(4)]
+    assert len({f.location["y"] for f in figures}) < 4  # side by side, not one under the other
+    form, live = (d.find_element(By.ID, i).rect for i in ("generate", "live"))
+    assert live["x"] >= form["x"] + form["width"] - 1  # two panes
+    fill(d, seed=600, num_images=1)
+    with server.client() as api:
+        assert api.post("/v1/queue/pause").status_code == 200
+        try:
+            by(d, "submit").click()
+            wait(d, lambda d: "position 1 of 1" in by(d, "progress-text").text and "paused" in
+                 by(d, "progress-text").text)
+        finally:
+            assert api.post("/v1/queue/resume").status_code == 200
+    wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded in"))
+    assert len(d.find_elements(By.CSS_SELECTOR, '#history [data-testid="result"]')) == 4  # the first four stay
+    assert len(d.find_elements(By.CSS_SELECTOR, '#results [data-testid="result"]')) == 1
+    d.set_window_size(390, 844)
+    try:
+        form, live = (d.find_element(By.ID, i).rect for i in ("generate", "live"))
+        assert live["y"] >= form["y"] + form["height"] - 1  # one column on a phone
+    finally:
+        d.set_window_size(1100, 1300)
 
 
 def test_cancel_from_the_page(server, logged_in):

@@ -301,7 +301,8 @@ class Broker:
         elif kind == "output":
             out = self.store.add_output(job_id, job["owner"], e["idx"], e["kind"], e["path"], e.get("seed"))
             self._emit(job_id, "output", {"kind": e["kind"], "url": f"/v1/outputs/{out['id']}", "index": e["idx"],
-                                          **({"step": e["step"]} if "step" in e else {})})
+                                          **({"step": e["step"]} if "step" in e else {}),
+                                          **({"seed": e["seed"]} if e.get("seed") is not None else {})})
             self.webhooks.send(job, "output", self.render(self.store.job(job_id)))
         elif kind == "checkpoint":
             self._emit(job_id, "checkpoint", {"step": e["step"]})

@@ -169,7 +169,8 @@ async def events(srv: Server, job: dict, last_event_id: str | None, ping_s: floa
             ch = broker.channel(job_id)
             if not any(e[1] == "done" for e in ch.events):  # finished before this server started
                 for i, o in enumerate(store.outputs(job_id)):
-                    yield sse("output", {"kind": o["kind"], "url": f"/v1/outputs/{o['id']}"}, after + i + 1)
+                    yield sse("output", {"kind": o["kind"], "url": f"/v1/outputs/{o['id']}", "index": o["idx"],
+                                         **({"seed": o["seed"]} if o.get("seed") is not None else {})}, after + i + 1)
                 yield sse("done", {"status": job["status"], "error": public(job["error"], srv.settings)},
                           after + 10_000)
                 return

@@ -174,6 +174,20 @@ function setupGenerate() {
   });
 }
 
+// A finished image as the result panel shows it: large, with its seed, size and time, Download and Reuse.
+function resultFigure(url, caption) {
+  const figure = el("figure", { "data-testid": "result" });
+  const link = outputLink(url);
+  link.firstChild.src = url;  // the image itself, not a thumbnail
+  figure.appendChild(link);
+  const cap = el("figcaption", {}, caption ? `${caption} · ` : "");
+  const id = url.split("?")[0].split("/").pop();
+  cap.appendChild(el("a", { href: url, download: `${id}.png` }, "Download"));
+  cap.appendChild(el("a", { href: `/?from=${id}`, "data-testid": "result-reuse" }, "Reuse"));
+  figure.appendChild(cap);
+  return figure;
+}
+
 function watchPrediction(job) {
   const live = document.getElementById("live");
   live.hidden = false;
@@ -181,30 +195,60 @@ function watchPrediction(job) {
   const text = document.getElementById("progress-text");
   const preview = document.getElementById("preview");
   const results = document.getElementById("results");
+  const history = document.getElementById("history");
   const cancel = document.getElementById("cancel");
   bar.value = 0;
   text.textContent = "queued";
   preview.hidden = true;
-  results.replaceChildren();
+  for (const figure of Array.from(results.children).reverse()) history.prepend(figure);  // this visit's earlier ones
+  document.getElementById("history-box").hidden = history.children.length === 0;
   cancel.hidden = false;
   cancel.onclick = () => api("POST", `/v1/predictions/${job.id}/cancel`);
+  let started = false;
+  const where = async () => {  // while it waits: its place in the queue, and whether the queue is paused
+    if (started) return;
+    const q = await api("GET", "/v1/queue");
+    if (started || q.status !== 200) return;
+    const i = q.data.pending.findIndex((p) => p.id === job.id);
+    if (i >= 0) {
+      text.textContent = `queued: position ${i + 1} of ${q.data.pending.length}` +
+        (q.data.paused ? " · the queue is paused" : "");
+    }
+    setTimeout(where, 1000);
+  };
+  where();
+  const input = job.input || {};
   follow(job.urls.stream, {
     status: (d) => {
+      if (d.status === "starting" && !d.loading) return;  // still waiting: the queue line stays
+      started = true;
       text.textContent = d.status + (d.loading ? ` (loading ${d.loading})` : "");
       if (d.status === "succeeded") preview.hidden = true;  // the image replaces it
     },
     progress: (d) => {
+      started = true;
       bar.max = d.total * (d.images || 1);
       bar.value = (d.image || 0) * d.total + d.step;
       text.textContent = `step ${d.step}/${d.total}` + (d.images > 1 ? ` · image ${d.image + 1}/${d.images}` : "") +
         formatEta(d.eta_s);
     },
     preview: (d) => { preview.src = `${d.url}&t=${Date.now()}`; preview.hidden = false; },
-    output: (d) => results.appendChild(outputLink(d.url)),
-    done: (d) => {
+    output: (d) => {
+      const seed = d.seed !== undefined ? d.seed : (input.seeds || [])[d.index];
+      const size = input.width && input.height ? `${input.width}x${input.height}` : "";
+      results.appendChild(resultFigure(d.url, [seed !== undefined ? `seed ${seed}` : "", size]
+        .filter(Boolean).join(" · ")));
+    },
+    done: async (d) => {
+      started = true;
       cancel.hidden = true;
       text.textContent = d.status + (d.error ? `: ${d.error}` : "");
-      if (d.status === "succeeded") { bar.value = bar.max; preview.hidden = true; }  // the image replaces it
+      if (d.status !== "succeeded") return;
+      bar.value = bar.max;
+      preview.hidden = true;  // the image replaces it
+      const j = await api("GET", `/v1/predictions/${job.id}`);
+      const seconds = j.status === 200 && j.data.metrics ? j.data.metrics.predict_time : null;
+      if (seconds != null) text.textContent = `succeeded in ${seconds.toFixed(1)} s`;
     },
   });
 }
