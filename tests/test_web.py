@@ -101,7 +101,7 @@ def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
     assert not by(d, "preview").is_displayed()  # the image took the preview's place
     if os.environ.get("FLUXLAB_UPDATE_SCREENSHOT"):  # the README's picture, taken by this browser
         d.set_window_size(1100, 1120)
-        d.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        d.execute_script("window.scrollTo(0, 0)")
         d.save_screenshot(str(ROOT / "docs" / "generate-page.png"))
         d.set_window_size(1100, 1300)
     d.get(server.url + "/gallery")
@@ -206,11 +206,14 @@ def test_the_result_panel_keeps_this_visits_results_and_shows_the_queue(server, 
     by(d, "submit").click()
     wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded in"))
     figures = d.find_elements(By.CSS_SELECTOR, '#results [data-testid="result"]')
+    wait(d, lambda d: all("64x64" in f.text for f in d.find_elements(By.CSS_SELECTOR, "#results figcaption")))
     assert [f.find_element(By.TAG_NAME, "figcaption").text.split(" · ")[:2] for f in figures] == \
         [[f"seed {500 + i}", "64x64"] for i in range(4)]
     assert len({f.location["y"] for f in figures}) < 4  # side by side, not one under the other
     form, live = (d.find_element(By.ID, i).rect for i in ("generate", "live"))
     assert live["x"] >= form["x"] + form["width"] - 1  # two panes
+    assert by(d, "who").text.startswith("tester-")  # the user's name, then a plain "Log out"
+    assert d.find_element(By.CSS_SELECTOR, ".logout button").text == "Log out"
     fill(d, seed=600, num_images=1)
     with server.client() as api:
         assert api.post("/v1/queue/pause").status_code == 200

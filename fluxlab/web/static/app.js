@@ -175,12 +175,16 @@ function setupGenerate() {
 }
 
 // A finished image as the result panel shows it: large, with its seed, size and time, Download and Reuse.
-function resultFigure(url, caption) {
+function resultFigure(url, seed) {
   const figure = el("figure", { "data-testid": "result" });
   const link = outputLink(url);
-  link.firstChild.src = url;  // the image itself, not a thumbnail
+  const img = link.firstChild;
+  img.src = url;  // the image itself, not a thumbnail
   figure.appendChild(link);
-  const cap = el("figcaption", {}, caption ? `${caption} · ` : "");
+  const cap = el("figcaption");
+  const said = el("span", {}, seed !== undefined ? `seed ${seed} · ` : "");
+  img.addEventListener("load", () => { said.textContent += `${img.naturalWidth}x${img.naturalHeight} · `; });
+  cap.appendChild(said);
   const id = url.split("?")[0].split("/").pop();
   cap.appendChild(el("a", { href: url, download: `${id}.png` }, "Download"));
   cap.appendChild(el("a", { href: `/?from=${id}`, "data-testid": "result-reuse" }, "Reuse"));
@@ -234,10 +238,7 @@ function watchPrediction(job) {
     },
     preview: (d) => { preview.src = `${d.url}&t=${Date.now()}`; preview.hidden = false; },
     output: (d) => {
-      const seed = d.seed !== undefined ? d.seed : (input.seeds || [])[d.index];
-      const size = input.width && input.height ? `${input.width}x${input.height}` : "";
-      results.appendChild(resultFigure(d.url, [seed !== undefined ? `seed ${seed}` : "", size]
-        .filter(Boolean).join(" · ")));
+      results.appendChild(resultFigure(d.url, d.seed !== undefined ? d.seed : (input.seeds || [])[d.index]));
     },
     done: async (d) => {
       started = true;
