@@ -105,7 +105,7 @@ def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
         d.save_screenshot(str(ROOT / "docs" / "generate-page.png"))
         d.set_window_size(1100, 1300)
     d.get(server.url + "/gallery")
-    first = d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]')[0]
+    first = d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"] a')[0]
     first.click()
     settings = by(d, "detail-settings").text
     assert PROMPT in settings and "4242" in settings
@@ -232,6 +232,36 @@ def test_the_result_panel_keeps_this_visits_results_and_shows_the_queue(server, 
         assert live["y"] >= form["y"] + form["height"] - 1  # one column on a phone
     finally:
         d.set_window_size(1100, 1300)
+
+
+def test_gallery_search_and_filter_and_a_large_image_with_a_confirmed_delete(server, logged_in):
+    d = logged_in
+    with server.client() as api:
+        for prompt, seed in (("a violet zebra crossing", 71), ("a blue square in the center", 72)):
+            job = api.post("/v1/predictions", json={"model": "demo", "input": {
+                "prompt": prompt, "seed": seed, "steps": 2}}, headers={"Prefer": "wait=60"}).json()
+            assert job["status"] == "succeeded", job
+    d.get(server.url + "/gallery")
+    items = d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]')
+    assert "a blue square in the center" in items[0].text and "demo" in items[0].text  # newest first, with its model
+    by(d, "gallery-search").send_keys("ZEBRA")
+    by(d, "gallery-filter").click()
+    items = d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]')
+    assert [i.find_element(By.CLASS_NAME, "prompt").text for i in items] == ["a violet zebra crossing"]
+    Select(by(d, "gallery-model")).select_by_value("tiny-klein")
+    by(d, "gallery-filter").click()
+    assert not d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]') and "No image matches" in \
+        d.find_element(By.TAG_NAME, "main").text
+    d.get(server.url + "/gallery?q=zebra")
+    d.find_element(By.CSS_SELECTOR, '[data-testid="gallery-item"] a').click()
+    wait(d, lambda d: by(d, "image-large").size["width"] >= 512)  # shown large, not at its 64 px
+    out_id = d.current_url.rsplit("/", 1)[1]
+    assert not by(d, "delete").is_displayed()  # behind a second click
+    by(d, "delete-box").find_element(By.TAG_NAME, "summary").click()
+    by(d, "delete").click()
+    wait(d, lambda d: d.current_url.endswith("/gallery"))
+    with server.client() as api:
+        assert api.get(f"/v1/outputs/{out_id}/record").status_code == 404
 
 
 def test_cancel_from_the_page(server, logged_in):

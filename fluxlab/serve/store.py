@@ -389,13 +389,24 @@ class Store:
                               (out_id, owner, owner)).fetchone()
         return dict(row) if row else None
 
-    def recent_outputs(self, owner: str, before: float | None, limit: int) -> list[dict]:
-        sql = "SELECT * FROM outputs WHERE owner = ? AND kind = 'image'"
+    def recent_outputs(self, owner: str, before: float | None, limit: int, text: str | None = None,
+                       model: str | None = None) -> list[dict]:
+        """The owner's images, newest first, each with its job's prompt and model; `text` keeps those whose prompt
+        contains it (any case), `model` those of one model."""
+        sql = ("SELECT o.*, j.model AS model, COALESCE(json_extract(j.plan, '$.request.prompt'), "
+               "json_extract(j.input, '$.prompt')) AS prompt FROM outputs o LEFT JOIN jobs j ON j.id = o.job_id "
+               "WHERE o.owner = ? AND o.kind = 'image'")
         args: list = [owner]
         if before is not None:
-            sql += " AND created_at < ?"
+            sql += " AND o.created_at < ?"
             args.append(before)
-        return [dict(r) for r in self.db.execute(sql + " ORDER BY created_at DESC, idx DESC LIMIT ?",
+        if text:
+            sql += " AND prompt LIKE ? ESCAPE '\\'"
+            args.append("%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        if model:
+            sql += " AND j.model = ?"
+            args.append(model)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY o.created_at DESC, o.idx DESC LIMIT ?",
                                                   (*args, limit))]
 
     def delete_output(self, out_id: str, owner: str) -> dict | None:

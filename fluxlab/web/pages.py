@@ -120,14 +120,22 @@ async def queue_action(request: Request, action: str):
 @router.get("/gallery")
 @guarded
 async def gallery_page(request: Request):
-    params = {"limit": 48}
-    if request.query_params.get("before"):
-        params["before"] = request.query_params["before"]
+    from urllib.parse import urlencode
+
+    params: dict = {"limit": 48}
+    for key in ("before", "q", "model"):
+        if request.query_params.get(key):
+            params[key] = request.query_params[key][:200]
     data = (await call(request, "GET", "/v1/outputs", params=params)).json()
     nxt = data.get("next")
-    before = re.search(r"before=([0-9.]+)", nxt).group(1) if nxt else None
+    older = None
+    if nxt:
+        kept = {k: v for k, v in params.items() if k in ("q", "model")}
+        older = "/gallery?" + urlencode({**kept, "before": re.search(r"before=([0-9.]+)", nxt).group(1)})
+    c = await choices(request)
     return render(request, "gallery.html", page="gallery", title="Gallery", outputs=data.get("results", []),
-                  next=before)
+                  older=older, q=params.get("q", ""), model=params.get("model", ""),
+                  models=[m["name"] for m in c["models"]])
 
 
 @router.get("/image/{out_id}")

@@ -70,16 +70,23 @@ def get_file(file_id: str, who: Owner, srv: Srv, request: Request):
 
 @outputs.get("")
 def list_outputs(who: Owner, srv: Srv, request: Request, before: Annotated[float | None, Query(ge=0, le=1e12)] = None,
-                 limit: Annotated[int, Query(ge=1, le=200)] = 48) -> dict:
-    """This token's images, newest first (a gallery); `next` pages back in time."""
-    rows = srv.store.recent_outputs(who, before, limit + 1)
+                 limit: Annotated[int, Query(ge=1, le=200)] = 48,
+                 q: Annotated[str | None, Query(max_length=200, description="Words the prompt contains.")] = None,
+                 model: Annotated[str | None, Query(max_length=512, description="One model's images.")] = None) -> dict:
+    """This token's images, newest first (a gallery), each with its prompt and model; `q` searches the prompts,
+    `model` keeps one model's; `next` pages back in time."""
+    from urllib.parse import urlencode
+
+    rows = srv.store.recent_outputs(who, before, limit + 1, q, model)
     more = rows[limit:] != []
     rows = rows[:limit]
     b = base(request)
     items = [{"id": o["id"], "url": f"{b}/v1/outputs/{o['id']}", "thumb": f"{b}/v1/outputs/{o['id']}?thumb=256",
-              "job": o["job_id"], "seed": o["seed"], "created_at": iso(o["created_at"])} for o in rows]
+              "job": o["job_id"], "seed": o["seed"], "created_at": iso(o["created_at"]), "model": o["model"],
+              "prompt": public(o["prompt"] or "", srv.settings)} for o in rows]
+    extra = urlencode({k: v for k, v in (("q", q), ("model", model)) if v})
     return {"results": items, "next": f"{b}/v1/outputs?before={rows[-1]['created_at']}&limit={limit}"
-            if more else None}
+            + (f"&{extra}" if extra else "") if more else None}
 
 
 @outputs.get("/{output_id}/record")
