@@ -338,6 +338,12 @@ def test_train_from_the_page_then_generate_with_it(server, logged_in, tmp_path):
     cookie = d.get_cookie("fluxlab_session")["value"]
     lora = httpx.get(link, cookies={"fluxlab_session": cookie})
     assert lora.status_code == 200 and lora.content[8:9] == b"{"  # a safetensors file
+    training = d.current_url
+    d.get(server.url + "/train")  # the run is listed, and found again from there
+    row = by(d, "training-row")
+    assert "zxq" in row.text and "succeeded" in row.text and "40" in row.text
+    row.find_element(By.TAG_NAME, "a").click()
+    assert d.current_url == training
     d.find_element(By.ID, "generate-with-it").click()
     assert by(d, "lora").get_attribute("value")
     fill(d, prompt="a zxq in the center", seed=5)

@@ -171,7 +171,20 @@ async def train_page(request: Request):
     c = await choices(request)
     # the FLUX LoRA trainer's recipe where it fits a first run: rank 16, learning rate 4e-4
     form = {"model": "demo", "steps": "1000", "lora_rank": "16", "learning_rate": "0.0004", "captioner": "demo"}
-    return render(request, "train.html", page="train", title="Train", form=form, errors={}, **c)
+    return render(request, "train.html", page="train", title="Train", form=form, errors={},
+                  trainings=await trainings_list(request), **c)
+
+
+async def trainings_list(request: Request) -> list[dict]:
+    """This user's trainings, newest first, as the Train page lists them (each links to its own page)."""
+    r = await call(request, "GET", "/v1/trainings", params={"limit": 50})
+    rows = []
+    for job in r.json().get("results", []) if r.status_code == 200 else []:
+        inp = job.get("input") or {}
+        rows.append({"id": job["id"], "name": inp.get("name") or (job.get("output") or {}).get("lora") or job["id"],
+                     "trigger": inp.get("trigger_word") or "", "status": job["status"],
+                     "steps": inp.get("steps") or "", "date": (job.get("created_at") or "")[:16].replace("T", " ")})
+    return rows
 
 
 @router.get("/datasets/{job_id}")
