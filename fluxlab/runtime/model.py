@@ -283,7 +283,15 @@ class LoadedModel:
         from .executor import device_budget, model_sizes
         from .memory import GB, make_plan, split_plan
 
-        budgets = tuple(self.budget if self.budget is not None else device_budget(d) for d in self.devices)
+        def room(d) -> int:  # free memory plus what our own placed models hold there (a replan may move them)
+            placed = 0
+            if self.plan is not None and d.type == "cuda":
+                import torch
+
+                placed = torch.cuda.memory_allocated(d)
+            return device_budget(d) + placed
+
+        budgets = tuple(self.budget if self.budget is not None else room(d) for d in self.devices)
         h, w = self.family.latent_grid(job.width, job.height)
         sizes = model_sizes(self.components)
         kw = dict(text_tokens=self.spec.max_sequence_length, dtype_bytes=torch_bits(self.dtype) // 8,
