@@ -362,6 +362,10 @@ def test_the_queue_page_shows_each_worker(fleet):
     assert ">w0<" in page.text and ">w1<" in page.text and str(fleet.data) not in page.text
     queue = fleet.api.get("/v1/queue").json()
     assert [w["name"] for w in queue["workers"]] == ["w0", "w1"]
+    deadline = time.time() + 10  # a worker's device as it resolved there (after its first heartbeat), not "auto"
+    while "auto" in {w["device"] for w in fleet.api.get("/v1/queue").json()["workers"]} and time.time() < deadline:
+        time.sleep(0.2)
+    assert {w["device"] for w in fleet.api.get("/v1/queue").json()["workers"]} == {"cpu"}
 
 
 def test_workers_are_added_while_jobs_wait_and_stopped_when_idle(tmp_path):

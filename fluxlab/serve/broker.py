@@ -61,7 +61,7 @@ class Slot:
     restarts: int = 0
     seen: float = 0.0  # when the worker last said anything
     idle_since: float = 0.0
-    vitals: dict = field(default_factory=dict)  # pid, node, rss_bytes (from its last beat)
+    vitals: dict = field(default_factory=dict)  # pid, node, rss_bytes, resolved device (from its last beat)
     replaced_at: float | None = None  # when the worker in it died (until its replacement is ready)
 
 
@@ -163,7 +163,8 @@ class Broker:
         names = {path: name for name, path in self.base.get("models", {}).items()}
         rows = []
         for s in list(self.slots.values()):
-            rows.append({"name": s.name, "engine": self.config.engine, "device": s.settings["runtime"].get("device"),
+            rows.append({"name": s.name, "engine": self.config.engine,
+                         "device": s.vitals.get("device") or s.settings["runtime"].get("device"),
                          "pid": s.vitals.get("pid"), "node": s.vitals.get("node"),
                          "alive": bool(s.handle and s.handle.alive()), "ready": s.ready,
                          "rss_bytes": s.vitals.get("rss_bytes"), "restarts": s.restarts, "running": s.running,
@@ -267,7 +268,7 @@ class Broker:
         slot.seen = now
         kind, job_id = e["type"], e.get("id")
         if kind in ("ready", "beat"):
-            slot.vitals = {k: e.get(k) for k in ("pid", "node", "rss_bytes")}
+            slot.vitals = {k: e.get(k) for k in ("pid", "node", "rss_bytes", "device")}
             if kind == "ready":
                 slot.ready, slot.idle_since = True, now
                 if slot.replaced_at is not None:

@@ -67,6 +67,7 @@ class Worker:
         self.current: str | None = None
         self.lease: str | None = None
         self.token = None
+        self.device_name: str | None = None  # its device setting as resolved here (vitals)
 
     def send(self, job_id: str, event: str, **data) -> None:
         """An event of the running job, tagged with its lease (the broker drops events of a lease it took back)."""
@@ -80,7 +81,14 @@ class Worker:
         rss = None
         with contextlib.suppress(OSError, ValueError), open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return {"pid": os.getpid(), "node": socket.gethostname(), "rss_bytes": rss}
+        if self.device_name is None:  # what its device setting ("auto") resolved to on this node, once
+            from ..errors import UserError
+            from ..runtime.devices import resolve_devices
+
+            with contextlib.suppress(UserError):  # a bad device is reported through the jobs, not here
+                setting = self.settings.get("runtime", {}).get("device", "auto")
+                self.device_name = ",".join(str(d) for d in resolve_devices(setting))
+        return {"pid": os.getpid(), "node": socket.gethostname(), "rss_bytes": rss, "device": self.device_name}
 
     def beat(self) -> None:
         while True:
