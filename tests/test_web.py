@@ -182,6 +182,7 @@ def test_reuse_keeps_the_inputs_and_errors_speak_the_page_words(server, logged_i
     d.get(server.url + f"/image/{out_id}")
     assert "/" not in by(d, "detail-settings").text.split("start.png")[0].split()[-1]  # a name, not a path
     by(d, "reuse").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="keep-init"]'))
     assert by(d, "keep-init").is_selected() and by(d, "strength").get_attribute("value") == "0.5"
     by(d, "submit").click()
     wait(d, lambda d: d.find_element(By.ID, "progress-text").text.startswith("succeeded"))
@@ -246,10 +247,12 @@ def test_gallery_search_and_filter_and_a_large_image_with_a_confirmed_delete(ser
     assert "a blue square in the center" in items[0].text and "demo" in items[0].text  # newest first, with its model
     by(d, "gallery-search").send_keys("ZEBRA")
     by(d, "gallery-filter").click()
+    wait(d, lambda d: "q=ZEBRA" in d.current_url and by(d, "gallery-search").get_attribute("value") == "ZEBRA")
     items = d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]')
     assert [i.find_element(By.CLASS_NAME, "prompt").text for i in items] == ["a violet zebra crossing"]
     Select(by(d, "gallery-model")).select_by_value("tiny-klein")
     by(d, "gallery-filter").click()
+    wait(d, lambda d: "model=tiny-klein" in d.current_url and d.find_elements(By.TAG_NAME, "main"))
     assert not d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]') and "No image matches" in \
         d.find_element(By.TAG_NAME, "main").text
     d.get(server.url + "/gallery?q=zebra")
@@ -343,9 +346,16 @@ def test_train_from_the_page_then_generate_with_it(server, logged_in, tmp_path):
     row = by(d, "training-row")
     assert "zxq" in row.text and "succeeded" in row.text and "40" in row.text
     row.find_element(By.TAG_NAME, "a").click()
-    assert d.current_url == training
+    wait(d, lambda d: d.current_url == training and d.find_elements(By.ID, "generate-with-it"))
     d.find_element(By.ID, "generate-with-it").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="lora"]'))
     assert by(d, "lora").get_attribute("value")
+    label = Select(by(d, "lora")).first_selected_option.text
+    assert label.startswith("training of 20") and label.endswith("(zxq)")  # a date and its trigger, not an id
+    fill(d, prompt="a ring in the center")
+    by(d, "add-trigger").click()  # the trigger word offered for the prompt
+    assert by(d, "prompt").get_attribute("value") == "zxq a ring in the center"
+    assert not by(d, "add-trigger").is_displayed()
     fill(d, prompt="a zxq in the center", seed=5)
     by(d, "submit").click()
     wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img"))
@@ -357,6 +367,18 @@ def test_train_from_the_page_then_generate_with_it(server, logged_in, tmp_path):
                          headers={"Prefer": "wait=60"}).json()
         base = np.asarray(Image.open(__import__("io").BytesIO(api.get(plain["output"][0]).content)))
     assert np.abs(tuned.astype(int) - base.astype(int)).max() > 0
+    # A stack: the training's LoRA at 0.5 beside the same file uploaded from the page (listed by its file name).
+    (tmp_path / "zxq.safetensors").write_bytes(lora.content)
+    d.get(server.url + f"/?lora={Select(by(d, 'lora')).first_selected_option.get_attribute('value')}")
+    fill(d, prompt="a zxq in the center", seed=5, lora_scale=0.5)
+    by(d, "lora-file").send_keys(str(tmp_path / "zxq.safetensors"))
+    by(d, "submit").click()
+    wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded"))
+    with server.client() as api:
+        job = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+    assert [lo["scale"] for lo in job["input"]["lora"]] == [0.5, 1.0]
+    d.get(server.url + "/")
+    assert "uploaded zxq.safetensors" in [o.text for o in Select(by(d, "lora-2")).options]
 
 
 def test_the_generate_page_fits_a_phone(server, logged_in):

@@ -11,6 +11,7 @@ from ..serve.http import ApiError, check_origin
 from .site import (
     FLOATS,
     INTS,
+    LORA_ROWS,
     TEXTS,
     call,
     choices,
@@ -70,8 +71,13 @@ def prediction_input(form: dict) -> dict:
     for k in FLOATS:
         if form.get(k, "").strip():
             inp[k] = number(form[k], float)
-    if form.get("lora"):
-        inp["lora"] = [{"name": form["lora"], "scale": number(form.get("lora_scale") or "1", float)}]
+    stack = []
+    for i in range(LORA_ROWS):  # the form's LoRA rows, in order: lora/lora_scale, lora_2/lora_scale_2, ...
+        key = "" if i == 0 else f"_{i + 1}"
+        if form.get(f"lora{key}"):
+            stack.append({"name": form[f"lora{key}"], "scale": number(form.get(f"lora_scale{key}") or "1", float)})
+    if stack:
+        inp["lora"] = stack
     return inp
 
 
@@ -103,6 +109,11 @@ async def generate_form(request: Request):
         elif form.get(f"keep_{k}") and form.get(f"{k}_file"):  # kept from a reused image, by upload id
             ids = form[f"{k}_file"].split(",")
             inp[k] = ids if k == "images" else ids[0]
+    infos, error = await upload_all(request, data.getlist("lora_file"))  # a LoRA file joins the stack at scale 1
+    if error:
+        errors["lora_file"] = error
+    elif infos:
+        inp["lora"] = [*inp.get("lora", []), {"name": infos[0]["id"], "scale": 1.0}]
     if not errors:
         r = await call(request, "POST", "/v1/predictions", json={"model": form.get("model", "demo"), "input": inp})
         if r.status_code == 201:

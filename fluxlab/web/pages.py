@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .site import FLOATS, HERE, INTS, TEXTS, call, choices, dataset_view, guarded, render, safe_next
+from .site import FLOATS, HERE, INTS, LORA_ROWS, TEXTS, call, choices, dataset_view, guarded, render, safe_next
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -238,8 +238,9 @@ def reuse(record: dict, loras: list, models: dict) -> dict:
         form["images_file"] = ",".join(files["images"])
         form["images_name"] = ", ".join(Path(r["path"]).name for r in request.get("images") or [])
     used = record.get("model", {}).get("loras") or []
-    if used:
-        match = next((lo["name"] for lo in loras if lo.get("sha256") == used[0].get("sha256")), None)
+    for i, lora in enumerate(used[:LORA_ROWS]):  # each LoRA of the stack into its row, by its bytes
+        match = next((lo["name"] for lo in loras if lo.get("sha256") == lora.get("sha256")), None)
         if match:
-            form["lora"], form["lora_scale"] = match, str(used[0].get("scale", 1.0))
+            key = "" if i == 0 else f"_{i + 1}"
+            form[f"lora{key}"], form[f"lora_scale{key}"] = match, str(lora.get("scale", 1.0))
     return form

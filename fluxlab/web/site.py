@@ -20,8 +20,8 @@ FLOATS = ("guidance", "strength", "eta")
 TEXTS = ("prompt", "negative", "sampler", "schedule", "cache", "preset", "template", "upsampled_from")
 CACHES = (("none", "none"), ("fbc", "First Block Cache (faster, pixels move a little)"),
           ("fbc:0.05", "First Block Cache, careful (0.05)"), ("fbc:0.2", "First Block Cache, fast (0.2)"))
-FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "images", "init", "mask", "model", "input_images", "trigger_word",
-          "config")
+FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "lora_file", "images", "init", "mask", "model", "input_images",
+          "trigger_word", "config")
 
 
 # The CLI's flags as the page labels them: errors come from the one service layer in the CLI's words, and the page
@@ -114,6 +114,21 @@ def safe_next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/"
 
 
+LORA_ROWS = 3  # LoRAs a page form stacks (the API takes any number)
+
+
+def lora_label(lo: dict) -> str:
+    """How the page names a LoRA: its name, or for an unnamed training its date; its trigger word beside it."""
+    when = (lo.get("created_at") or "")[:16].replace("T", " ")
+    if lo.get("file"):
+        name = f"uploaded {lo['file']}"
+    elif lo.get("training") and lo["name"] == lo["training"]:
+        name = f"training of {when}"
+    else:
+        name = lo["name"]
+    return f"{name} ({lo['trigger_word']})" if lo.get("trigger_word") else name
+
+
 def model_state(m: dict, named: bool) -> tuple[str, str]:
     """A model's state on this server, and what to do about it, in one line."""
     if m.get("bundled") or named:
@@ -150,7 +165,10 @@ async def choices(request: Request) -> dict:
     from ..caption.catalog import CAPTIONERS
 
     captioners = [{"name": c.name, "description": c.description} for c in CAPTIONERS.values()]
-    return {"models": models, "loras": data["loras"], "samplers": list(SAMPLERS), "caches": CACHES, "aspects": ASPECTS,
+    for lo in data["loras"]:
+        lo["label"] = lora_label(lo)
+    return {"models": models, "loras": data["loras"], "lora_rows": LORA_ROWS, "samplers": list(SAMPLERS),
+            "caches": CACHES, "aspects": ASPECTS,
             "page_words": PAGE_WORDS,
             "presets": presets, "templates": sorted(BUILTIN_TEMPLATES), "captioners": captioners}
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Request
 
 from .. import refs
 from ..deps import Owner, Srv, Who, base, model_name
-from ..http import ApiError
+from ..http import ApiError, iso
 from ..jobs import submit
 from ..schemas import (
     ERRORS,
@@ -69,8 +69,11 @@ def models(who: Owner, srv: Srv, request: Request) -> dict:
     rows = [{**r, "loaded": r["name"] in loaded} for r in catalog()]
     rows += [{"name": n, "ref": f"fluxlab/{n}", "bundled": False, "loaded": str(Path(p).resolve()) in loaded,
               **defaults_of(p)} for n, p in srv.settings.models.items()]
-    loras = [{"name": r["name"], "training": r["job_id"], "trigger_word": r["trigger"], "sha256": r["sha256"]}
-             for r in srv.store.loras(who)]
+    loras = [{"name": r["name"], "training": r["job_id"], "trigger_word": r["trigger"], "sha256": r["sha256"],
+              "created_at": iso(r["created_at"])} for r in srv.store.loras(who)]
+    # LoRA files uploaded through /v1/files: usable by their id, listed by their file name
+    loras += [{"name": f["id"], "file": f["name"], "training": None, "trigger_word": None, "sha256": f["sha256"],
+               "created_at": iso(f["created_at"])} for f in srv.store.files(who) if f["kind"] == "lora"]
     names = [*refs.shared_models(srv), refs.TRAINER, *(f"{who}/{m['name']}" for m in srv.store.models(who))]
     results = [refs.model_obj(srv, who, ref, base(request)) for ref in names]
     return {"models": rows, "loras": loras, "results": results, "next": None, "previous": None}

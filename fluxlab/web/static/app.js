@@ -4,7 +4,7 @@
 
 const FIELDS = ["prompt", "negative", "width", "height", "steps", "guidance", "seed", "num_images", "sampler",
   "schedule", "cache", "eta", "strength", "preset", "template", "lora", "images", "init", "mask", "model",
-  "upsampled_from"];
+  "upsampled_from", "lora_file"];
 
 async function api(method, path, body, headers = {}) {
   const init = { method, credentials: "same-origin", headers: { ...headers } };
@@ -73,6 +73,34 @@ function outputLink(url) {
 }
 
 // -- generate ----------------------------------------------------------------------------------------------------
+// A chosen LoRA's trigger word, offered for the prompt when the prompt lacks it.
+function setupTriggers(form) {
+  const row = document.getElementById("trigger-row");
+  const button = document.getElementById("add-trigger");
+  const missing = () => {
+    const prompt = form.elements.prompt.value.toLowerCase();
+    for (const pick of form.querySelectorAll("select.lora-pick")) {
+      const word = pick.selectedOptions[0] ? pick.selectedOptions[0].dataset.trigger : "";
+      if (word && !prompt.includes(word.toLowerCase())) return word;
+    }
+    return "";
+  };
+  const update = () => {
+    const word = missing();
+    row.hidden = !word;
+    button.textContent = word ? `Add "${word}" to the prompt` : "";
+    button.dataset.word = word;
+  };
+  button.addEventListener("click", () => {
+    const p = form.elements.prompt;
+    p.value = `${button.dataset.word} ${p.value}`.trim();
+    update();
+  });
+  form.querySelectorAll("select.lora-pick").forEach((s) => s.addEventListener("change", update));
+  form.elements.prompt.addEventListener("input", update);
+  update();
+}
+
 // "Upsample prompt": POST /v1/upsamples rewrites the prompt with the model's text encoder; the rewrite replaces
 // the prompt (editable) and the words as written go with the prediction as upsampled_from.
 function setupUpsample(form, model) {
@@ -135,6 +163,7 @@ function setupGenerate() {
     form.querySelector('[name="height"]').value = h;
   });
   setupUpsample(form, model);
+  setupTriggers(form);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     clearErrors(form);
@@ -151,9 +180,20 @@ function setupGenerate() {
       const v = form.elements[name].value.trim();
       if (v !== "") input[name] = isNaN(Number(v)) ? v : Number(v);
     }
-    if (form.elements.lora.value) {
-      input.lora = [{ name: form.elements.lora.value, scale: Number(form.elements.lora_scale.value || "1") }];
+    const stack = [];
+    for (const pick of form.querySelectorAll("select.lora-pick")) {  // lora, lora_2, ...: each with its scale
+      const scale = form.elements[pick.name.replace("lora", "lora_scale")].value || "1";
+      if (pick.value) stack.push({ name: pick.value, scale: Number(scale) });
     }
+    const file = (form.elements.lora_file.files || [])[0];
+    if (file) {  // an uploaded LoRA joins the stack at scale 1
+      const fd = new FormData();
+      fd.append("file", file, file.name);
+      const up = await api("POST", "/v1/files", fd);
+      if (up.status !== 201) { showError(form, `lora_file: ${up.data ? up.data.detail : up.status}`); return; }
+      stack.push({ name: up.data.id, scale: 1 });
+    }
+    if (stack.length) input.lora = stack;
     for (const name of ["images", "init", "mask"]) {
       const files = Array.from(form.elements[name].files || []);
       const ids = [];
