@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -336,12 +337,18 @@ def test_train_from_the_page_then_generate_with_it(server, logged_in, tmp_path):
     wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="sample"]'), timeout=180)
     wait(d, lambda d: d.find_element(By.ID, "status").text == "succeeded", timeout=180)
     wait(d, lambda d: int(by(d, "loss-chart").get_attribute("data-points")) == 40, timeout=10)  # a step, a point
+    assert by(d, "loss-chart").get_attribute("data-smoothed") == "40"  # the moving average beside the raw line
+    by(d, "loss-scale").click()
+    wait(d, lambda d: "scale=log" in d.current_url and by(d, "loss-chart").get_attribute("data-scale") == "log")
+    with httpx.Client(base_url=server.url, cookies={"fluxlab_session": d.get_cookie("fluxlab_session")["value"]}) as c:
+        page = c.get(urlsplit(d.current_url).path).text  # without JavaScript: the chart the server drew
+    assert '<polyline class="raw"' in page and '<polyline class="smooth"' in page and "step 40" in page
     assert int(by(d, "train-progress").get_attribute("value")) == 40
     link = wait(d, lambda d: d.find_elements(By.ID, "download-lora"), timeout=10)[0].get_attribute("href")
     cookie = d.get_cookie("fluxlab_session")["value"]
     lora = httpx.get(link, cookies={"fluxlab_session": cookie})
     assert lora.status_code == 200 and lora.content[8:9] == b"{"  # a safetensors file
-    training = d.current_url
+    training = d.current_url.split("?")[0]
     d.get(server.url + "/train")  # the run is listed, and found again from there
     row = by(d, "training-row")
     assert "zxq" in row.text and "succeeded" in row.text and "40" in row.text

@@ -210,9 +210,12 @@ async def training_page(request: Request, job_id: str):
     steps = job["input"].get("steps", 1)
     progress = {"value": p.get("step", len(losses)), "max": p.get("total", steps),
                 "text": f"step {p.get('step', len(losses))}/{p.get('total', steps)}"}
+    from .chart import loss_svg
+
+    log = request.query_params.get("scale") == "log"
     return render(request, "training.html", page="training", title=f"Training {job_id}", job=job,
                   done=job["status"] in ("succeeded", "failed", "canceled"), progress=progress,
-                  losses=[round(x, 6) for x in losses])
+                  losses=[round(x, 6) for x in losses], chart=loss_svg(losses, log), log=log)
 
 
 @router.post("/trainings/{job_id}/{action}")

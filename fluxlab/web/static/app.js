@@ -316,27 +316,43 @@ function setupJob() {
 }
 
 // -- a training's page: the loss chart and live progress ---------------------------------------------------------
+// The same chart the server draws (web/chart.py): raw losses faint, their debiased moving average (0.9) over
+// them, step and loss axes, linear or log (the canvas's data-scale).
 function drawLoss(canvas, losses) {
   const ctx = canvas.getContext("2d");
-  const w = canvas.width, h = canvas.height, pad = 28;
+  const w = canvas.width, h = canvas.height, left = 56, bottom = 28, top = 10, right = 10;
+  const css = getComputedStyle(document.body);
   ctx.clearRect(0, 0, w, h);
   canvas.dataset.points = String(losses.length);
   if (!losses.length) return;
-  const lo = Math.min(...losses), hi = Math.max(...losses), span = hi - lo || 1;
-  ctx.strokeStyle = "#b9bec7";
-  ctx.strokeRect(pad, pad / 2, w - pad * 1.5, h - pad * 1.5);
-  ctx.strokeStyle = "#3d64d8";
-  ctx.beginPath();
-  losses.forEach((y, i) => {
-    const px = pad + (w - pad * 1.5) * (losses.length > 1 ? i / (losses.length - 1) : 0);
-    const py = pad / 2 + (h - pad * 1.5) * (1 - (y - lo) / span);
-    if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
-  });
-  ctx.stroke();
-  ctx.fillStyle = "#555";
+  const log = canvas.dataset.scale === "log";
+  const f = (v) => (log ? Math.log10(Math.max(v, 1e-12)) : v);
+  const ys = losses.map(f);
+  const lo = Math.min(...ys), hi = Math.max(...ys), span = hi - lo || 1;
+  const px = (i) => left + (w - left - right) * (losses.length > 1 ? i / (losses.length - 1) : 0);
+  const py = (y) => top + (h - top - bottom) * (1 - (y - lo) / span);
+  const smooth = [];
+  let last = 0, norm = 0;
+  for (const v of losses) { last = 0.9 * last + 0.1 * v; norm = 0.9 * norm + 0.1; smooth.push(last / norm); }
+  canvas.dataset.smoothed = String(smooth.length);
+  ctx.strokeStyle = css.getPropertyValue("--field-line") || "#8a919c";
+  ctx.beginPath(); ctx.moveTo(left, top); ctx.lineTo(left, h - bottom); ctx.lineTo(w - right, h - bottom); ctx.stroke();
+  const accent = css.getPropertyValue("--accent-line") || "#2445a8";
+  for (const [values, alpha, width] of [[losses, 0.35, 1], [smooth, 1, 2]]) {
+    ctx.strokeStyle = accent; ctx.globalAlpha = alpha; ctx.lineWidth = width;
+    ctx.beginPath();
+    values.forEach((v, i) => { if (i === 0) ctx.moveTo(px(i), py(f(v))); else ctx.lineTo(px(i), py(f(v))); });
+    ctx.stroke();
+  }
+  ctx.globalAlpha = 1; ctx.lineWidth = 1;
+  ctx.fillStyle = css.getPropertyValue("--muted") || "#4a4f57";
   ctx.font = "11px system-ui";
-  ctx.fillText(hi.toFixed(4), 2, pad / 2 + 8);
-  ctx.fillText(lo.toFixed(4), 2, h - pad + 4);
+  const shown = (y) => (log ? 10 ** y : y).toPrecision(4);
+  ctx.fillText(shown(hi), 2, top + 10);
+  ctx.fillText(shown(lo), 2, h - bottom);
+  ctx.fillText(log ? "log10 loss" : "loss", 2, h / 2);
+  ctx.fillText("step 1", left, h - 6);
+  ctx.fillText(`step ${losses.length}`, w - right - 70, h - 6);
 }
 
 async function setupTraining() {
@@ -346,6 +362,8 @@ async function setupTraining() {
   const text = document.getElementById("progress-text");
   const status = document.getElementById("status");
   const samples = document.getElementById("samples");
+  canvas.hidden = false;  // the live chart takes the server-drawn one's place
+  document.getElementById("loss-svg").hidden = true;
   let losses = (canvas.dataset.losses || "").split(",").filter((x) => x !== "").map(Number);
   const r = await api("GET", `/v1/trainings/${body.dataset.job}/loss`);
   if (r.status === 200) losses = r.data.steps.map((s) => s.loss);
