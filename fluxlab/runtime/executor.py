@@ -46,11 +46,6 @@ def _big_models(components):
     return [m for m in (components.text_encoder, components.text_encoder_2, components.transformer) if m is not None]
 
 
-def blocks(transformer) -> list:
-    """The transformer's blocks in the order they run: the double-stream blocks, then the single-stream ones."""
-    return [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
-
-
 def apply_split(components, plan: SplitPlan, devices: list) -> None:
     """Place one model over several devices as `plan` says, with accelerate's AlignDevicesHook (what its
     dispatch_model attaches for a device_map): each block of the transformer runs on its device and receives its
@@ -67,15 +62,13 @@ def apply_split(components, plan: SplitPlan, devices: list) -> None:
     def at(index):
         return torch.device("cpu") if index == HOST else devices[index]
 
+    from .streaming import block_modules
+
     t = components.transformer
-    listed = blocks(t)
-    owner = {}
-    for d, first, end in plan.transformer:
-        for k in range(first, end):
-            owner[id(listed[k])] = devices[d]
-    for child in t.children():
-        runs = [child] if not isinstance(child, torch.nn.ModuleList) else None
-        for m in runs or child:
+    listed = [block for _, block in block_modules(t)]  # in the order they run, as the plan counts them
+    owner = {id(listed[k]): devices[d] for d, first, end in plan.transformer for k in range(first, end)}
+    for child in t.children():  # each block on its run's device; the rest (embedders, output) on the main one
+        for m in child if isinstance(child, torch.nn.ModuleList) else [child]:
             dev = owner.get(id(m), main)
             m.to(dev)
             add_hook_to_module(m, AlignDevicesHook(execution_device=dev))

@@ -85,9 +85,11 @@ class Worker:
             from ..errors import UserError
             from ..runtime.devices import resolve_devices
 
-            with contextlib.suppress(UserError):  # a bad device is reported through the jobs, not here
-                setting = self.settings.get("runtime", {}).get("device", "auto")
+            setting = self.settings.get("runtime", {}).get("device", "auto")
+            try:
                 self.device_name = ",".join(str(d) for d in resolve_devices(setting))
+            except UserError:  # a bad device is reported through the jobs; the setting is shown as it is
+                self.device_name = setting
         return {"pid": os.getpid(), "node": socket.gethostname(), "rss_bytes": rss, "device": self.device_name}
 
     def beat(self) -> None:

@@ -92,12 +92,14 @@ def check_split(runtime: Runtime, ref: ModelRef, spec, job) -> None:
     from ..runtime.memory import GB, catalog_sizes, human, make_plan, parse_size, split_plan
 
     devices = tuple(runtime.device.split(","))
-    dtype = ref.dtype if ref.dtype != "auto" else spec.dtype
-    sizes = catalog_sizes(spec.sizes_gb, 4 if dtype == "fp32" else 2, 4 if spec.dtype == "fp32" else 2)
-    if len(devices) < 2 or runtime.budget is None or sizes is None:
+    if len(devices) < 2 or runtime.budget is None:
+        return
+    dtype_bytes = 4 if (ref.dtype if ref.dtype != "auto" else spec.dtype) == "fp32" else 2
+    sizes = catalog_sizes(spec.sizes_gb, dtype_bytes, 4 if spec.dtype == "fp32" else 2)
+    if sizes is None:
         return
     budget = parse_size(runtime.budget)
-    kw = dict(text_tokens=spec.max_sequence_length, dtype_bytes=4 if dtype == "fp32" else 2)
+    kw = dict(text_tokens=spec.max_sequence_length, dtype_bytes=dtype_bytes)
     split = split_plan(sizes, devices, (budget,) * len(devices), job.width, job.height, 1,
                        reserve=min(GB // 2, budget // 8), **kw)
     if not split.fits and not make_plan(sizes, job.width, job.height, 1, budget, mode="low", **kw).fits:
@@ -228,14 +230,11 @@ PHASES = ("load", "inputs", "encode", "prepare", "denoise", "decode")
 def rewritten(model, job: Job) -> Job:
     """The job with its prompts upsampled by the model's text encoder (runtime.upsample), seeded by its first
     seed; the prompts as written are kept for the record."""
-    import io
-
-    from PIL import Image as PILImage
-
     from ..runtime.upsample import upsample
+    from ..spec.images import decode
 
     temperature, max_tokens = job.upsample
-    images = [PILImage.open(io.BytesIO(i.data) if i.data else i.path).convert("RGB") for i in job.images]
+    images = [decode(i, None, "reference image") for i in job.images]  # the pixels the generation reads
     t0 = time.perf_counter()
     new = upsample(model, list(job.prompts), images=images, temperature=temperature, max_tokens=max_tokens,
                    seed=job.seeds[0], notify=model.notify)

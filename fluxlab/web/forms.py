@@ -19,6 +19,7 @@ from .site import (
     field_of,
     guarded,
     in_page_words,
+    lora_key,
     number,
     render,
     safe_next,
@@ -73,7 +74,7 @@ def prediction_input(form: dict) -> dict:
             inp[k] = number(form[k], float)
     stack = []
     for i in range(LORA_ROWS):  # the form's LoRA rows, in order: lora/lora_scale, lora_2/lora_scale_2, ...
-        key = "" if i == 0 else f"_{i + 1}"
+        key = lora_key(i)
         if form.get(f"lora{key}"):
             stack.append({"name": form[f"lora{key}"], "scale": number(form.get(f"lora_scale{key}") or "1", float)})
     if stack:

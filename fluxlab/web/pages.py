@@ -15,7 +15,20 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .site import FLOATS, HERE, INTS, LORA_ROWS, TEXTS, call, choices, dataset_view, guarded, render, safe_next
+from .site import (
+    FLOATS,
+    HERE,
+    INTS,
+    LORA_ROWS,
+    TEXTS,
+    call,
+    choices,
+    dataset_view,
+    guarded,
+    lora_key,
+    render,
+    safe_next,
+)
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -244,6 +257,6 @@ def reuse(record: dict, loras: list, models: dict) -> dict:
     for i, lora in enumerate(used[:LORA_ROWS]):  # each LoRA of the stack into its row, by its bytes
         match = next((lo["name"] for lo in loras if lo.get("sha256") == lora.get("sha256")), None)
         if match:
-            key = "" if i == 0 else f"_{i + 1}"
+            key = lora_key(i)
             form[f"lora{key}"], form[f"lora_scale{key}"] = match, str(lora.get("scale", 1.0))
     return form

@@ -117,6 +117,11 @@ def safe_next(target: str) -> str:
 LORA_ROWS = 3  # LoRAs a page form stacks (the API takes any number)
 
 
+def lora_key(i: int) -> str:
+    """The suffix of a LoRA row's fields: lora/lora_scale, then lora_2/lora_scale_2, ..."""
+    return "" if i == 0 else f"_{i + 1}"
+
+
 def lora_label(lo: dict) -> str:
     """How the page names a LoRA: its name, or for an unnamed training its date; its trigger word beside it."""
     when = (lo.get("created_at") or "")[:16].replace("T", " ")
