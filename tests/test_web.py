@@ -192,10 +192,95 @@ def test_reuse_keeps_the_inputs_and_errors_speak_the_page_words(server, logged_i
     assert again["id"] != first["id"] and again["input"]["init"] == first["input"]["init"]
     assert again["input"]["strength"] == 0.5
     d.get(server.url + f"/?from={out_id}")
-    by(d, "keep-init").click()  # drop the init, keep the strength
+    by(d, "init-thumbs").find_element(By.CSS_SELECTOR, '[data-testid="remove"]').click()  # drop the init, keep strength
+    assert not by(d, "keep-init").is_selected()
     by(d, "submit").click()
     error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"][data-field="strength"]'))
     assert "Init strength needs Init image" in error[0].text and "--" not in error[0].text
+
+
+def mask_pixels(api, job: dict) -> np.ndarray:
+    """The mask a prediction was given, as the server keeps it (its upload's bytes), in 0-255 grey."""
+    import io
+
+    r = api.get(f"/v1/files/{job['input']['mask']}/content")
+    assert r.status_code == 200
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("L"))
+
+
+def test_send_a_result_to_inpaint_draw_its_mask_and_pick_references(server, logged_in, tmp_path):
+    """Item 2: a result goes to inpainting as the init (a thumbnail); the mask is painted on it with the brush,
+    erased, inverted and cleared in the page, and Generate sends exactly the drawn mask; reference images show as
+    thumbnails, one is removed, and "Use as reference" keeps a result as the reference."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    d = logged_in
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, seed=31, steps=2, width=64, height=64)
+    by(d, "submit").click()
+    wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded"))
+    with server.client() as api:
+        source = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '#results [data-testid="send-inpaint"]'))[0].click()
+    canvas = wait(d, lambda d: by(d, "mask-canvas") if by(d, "mask-editor").is_displayed() else None)
+    assert len(by(d, "init-thumbs").find_elements(By.CSS_SELECTOR, ".kept:not([hidden])")) == 1
+    assert by(d, "prompt").get_attribute("value") == PROMPT  # the image's settings come with it
+    wait(d, lambda d: canvas.get_attribute("width") == "64")
+    w, h = canvas.size["width"], canvas.size["height"]
+
+    def stroke(x0, y0, x1, y1):  # in the image's own pixels (the canvas is shown larger)
+        ActionChains(d).move_to_element_with_offset(canvas, int((x0 - 32) * w / 64), int((y0 - 32) * h / 64)) \
+            .click_and_hold().move_by_offset(int((x1 - x0) * w / 64), int((y1 - y0) * h / 64)).release().perform()
+
+    def generate() -> dict:
+        with server.client() as api:
+            before = api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]["id"]
+            by(d, "submit").click()
+            wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded") and
+                 api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]["id"] != before)
+            return api.get("/v1/predictions", params={"limit": 1}).json()["results"][0]
+
+    stroke(6, 32, 58, 32)  # a line across the middle
+    by(d, "mask-eraser").click()
+    stroke(40, 32, 58, 32)  # rubbed out again on the right
+    job = generate()
+    assert job["input"]["init"] != source["input"].get("init")  # the result itself, uploaded as the init
+    with server.client() as api:
+        mask = mask_pixels(api, job)
+    assert mask.shape == (64, 64)
+    assert mask[32, 16] == 255 and mask[32, 50] == 0 and mask[5, 5] == 0 and mask[60, 60] == 0
+    by(d, "mask-invert").click()
+    with server.client() as api:
+        inverted = mask_pixels(api, generate())
+    assert (inverted.astype(int) + mask == 255).all()
+    by(d, "mask-clear").click()
+    assert "mask" not in generate()["input"]  # nothing painted: no mask is sent
+    # reference images: two chosen, one removed before Generate
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(a)
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(b)
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, seed=32, steps=2, width=64, height=64)
+    by(d, "images").send_keys(f"{a}\n{b}")
+    picked = wait(d, lambda d: (lambda ps: ps if len(ps) == 2 else None)(
+        d.find_elements(By.CSS_SELECTOR, '[data-testid="picked"]')))
+    assert [p.find_element(By.TAG_NAME, "img").get_attribute("alt") for p in picked] == ["a.png", "b.png"]
+    picked[0].find_element(By.CSS_SELECTOR, '[data-testid="remove"]').click()
+    assert [p.find_element(By.TAG_NAME, "img").get_attribute("alt")
+            for p in d.find_elements(By.CSS_SELECTOR, '[data-testid="picked"]')] == ["b.png"]
+    job = generate()
+    with server.client() as api:
+        names = [api.get(f"/v1/files/{i}").json()["name"] for i in job["input"]["images"]]
+    assert names == ["b.png"]
+    # "Use as reference" from the image page (works without JavaScript too: a plain link)
+    out_id = job["output"][0].split("?")[0].rstrip("/").split("/")[-1]
+    d.get(server.url + f"/image/{out_id}")
+    by(d, "send-reference").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="keep-images"]'))
+    assert by(d, "keep-images").is_selected() and not d.find_elements(By.CSS_SELECTOR, '[data-testid="keep-init"]')
+    job = generate()
+    with server.client() as api:
+        assert [api.get(f"/v1/files/{i}").json()["name"] for i in job["input"]["images"]] == [f"{out_id}.png"]
 
 
 def test_the_result_panel_keeps_this_visits_results_and_shows_the_queue(server, logged_in):

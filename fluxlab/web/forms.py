@@ -1,6 +1,7 @@
 """The page's forms (generate, grid, train): a form's fields become a /v1 request, and the API's answer a redirect
 to the job or the form again with the error beside its field."""
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
@@ -94,6 +95,17 @@ async def upload_all(request: Request, uploads: list) -> tuple[list[dict], str |
     return infos, None
 
 
+async def kept_files(request: Request, ids: list) -> list[tuple[str, str]]:
+    """The uploads a form keeps by id (the visitor's own, checked through /v1/files), with their names."""
+    kept = []
+    for file_id in ids[:16]:
+        ok = isinstance(file_id, str) and re.fullmatch(r"file_[a-z0-9]{1,64}", file_id)
+        r = await call(request, "GET", f"/v1/files/{file_id}") if ok else None
+        if r is not None and r.status_code == 200:
+            kept.append((file_id, r.json()["name"]))
+    return kept
+
+
 @router.post("/generate")
 @guarded
 async def generate_form(request: Request):
@@ -101,15 +113,19 @@ async def generate_form(request: Request):
     form = {k: v for k, v in data.items() if isinstance(v, str)}
     inp = prediction_input(form)
     errors: dict = {}
+    kept = {k: await kept_files(request, data.getlist(f"keep_{k}")) for k in ("images", "init", "mask")}
     for k in ("images", "init", "mask"):
         infos, error = await upload_all(request, data.getlist(k))
         if error:
             errors[k] = error
-        elif infos:
-            inp[k] = [i["id"] for i in infos] if k == "images" else infos[0]["id"]
-        elif form.get(f"keep_{k}") and form.get(f"{k}_file"):  # kept from a reused image, by upload id
-            ids = form[f"{k}_file"].split(",")
+        # kept uploads (from a reused or sent image), by id: a new init or mask replaces the kept one, new
+        # reference images join the kept ones
+        ids = [i["id"] for i in infos]
+        ids = [i for i, _ in kept[k]] + ids if k == "images" else ids or [i for i, _ in kept[k]]
+        if not error and ids:
             inp[k] = ids if k == "images" else ids[0]
+        new = [(i["id"], i["name"]) for i in infos]  # uploaded now: kept if the form comes back
+        form[f"{k}_files"] = kept[k] + new if k == "images" else new or kept[k]
     infos, error = await upload_all(request, data.getlist("lora_file"))  # a LoRA file joins the stack at scale 1
     if error:
         errors["lora_file"] = error

@@ -68,6 +68,8 @@ async def generate_page(request: Request):
         r = await call(request, "GET", f"/v1/outputs/{source}/record")
         if r.status_code == 200:
             form = reuse(r.json(), c["loras"], request.app.state.server.settings.models)
+            if request.query_params.get("send") in SENDS:
+                form = await send_to(request, source, request.query_params["send"], form)
     if request.query_params.get("lora"):
         form["lora"] = request.query_params["lora"]
     return render(request, "generate.html", page="generate", title="Generate", form=form, errors={}, **c)
@@ -239,6 +241,29 @@ async def training_action(request: Request, job_id: str, action: str):
     return RedirectResponse(f"/trainings/{job_id}", status_code=303)
 
 
+SENDS = ("img2img", "inpaint", "reference")
+
+
+async def send_to(request: Request, out_id: str, mode: str, form: dict) -> dict:
+    """"Send to img2img / inpaint / reference": the image's settings, with the image itself as the init (a fresh
+    mask to draw for inpainting) or as the only reference image. The image becomes the visitor's own upload, by
+    the same /v1/files a script would use (the same bytes twice are one upload)."""
+    image = await call(request, "GET", f"/v1/outputs/{out_id}")
+    up = await call(request, "POST", "/v1/files", files={"file": (f"{out_id}.png", image.content)}) \
+        if image.status_code == 200 else image
+    if up.status_code != 201:
+        return form
+    form = {k: v for k, v in form.items() if not k.startswith(("init_", "mask_", "images_"))}
+    kept = [(up.json()["id"], f"{out_id}.png")]
+    if mode == "reference":
+        form.pop("strength", None)
+        form["images_files"] = kept
+    else:
+        form["init_files"] = kept
+        form["open_mask"] = "1" if mode == "inpaint" else ""
+    return form
+
+
 def reuse(record: dict, loras: list, models: dict) -> dict:
     """The generate form filled from an image's record ("use these settings")."""
     request = record.get("request", {})
@@ -249,10 +274,10 @@ def reuse(record: dict, loras: list, models: dict) -> dict:
     files, request = record.get("files") or {}, record.get("request", {})
     for key in ("init", "mask"):  # kept by upload id, shown by name
         if files.get(key):
-            form[f"{key}_file"], form[f"{key}_name"] = files[key], Path(request[key]["path"]).name
+            form[f"{key}_files"] = [(files[key], Path(request[key]["path"]).name)]
     if files.get("images"):
-        form["images_file"] = ",".join(files["images"])
-        form["images_name"] = ", ".join(Path(r["path"]).name for r in request.get("images") or [])
+        names = [Path(r["path"]).name for r in request.get("images") or []]
+        form["images_files"] = list(zip(files["images"], names, strict=False))
     used = record.get("model", {}).get("loras") or []
     for i, lora in enumerate(used[:LORA_ROWS]):  # each LoRA of the stack into its row, by its bytes
         match = next((lo["name"] for lo in loras if lo.get("sha256") == lora.get("sha256")), None)

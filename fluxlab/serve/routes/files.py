@@ -68,6 +68,31 @@ def get_file(file_id: str, who: Owner, srv: Srv, request: Request):
     return file_info(f, base(request))
 
 
+@files.get("/{file_id}/content", response_class=Response, responses={200: {"content": {
+    "image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/zip": {}, "application/octet-stream": {}}}})
+def get_file_content(file_id: str, who: Owner, srv: Srv,
+                     thumb: Annotated[int | None, Query(ge=16, le=1024)] = None):
+    """An upload's own bytes, for its owner (`?thumb=128`: an image as a JPEG thumbnail): what the page shows for
+    the init, mask and reference images it keeps."""
+    f = srv.store.file(file_id, who)
+    if f is None or not Path(f["path"]).is_file():
+        raise ApiError(404, f"no file {file_id!r}")
+    if thumb and f["kind"] == "image":
+        return Response(thumbnail(f["path"], thumb), media_type="image/jpeg")
+    return FileResponse(f["path"], media_type=file_info(f, "")["content_type"], filename=f["name"])
+
+
+def thumbnail(path: str, side: int) -> bytes:
+    """An image shrunk to fit side x side, as a JPEG."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
 @outputs.get("")
 def list_outputs(who: Owner, srv: Srv, request: Request, before: Annotated[float | None, Query(ge=0, le=1e12)] = None,
                  limit: Annotated[int, Query(ge=1, le=200)] = 48,
@@ -145,13 +170,7 @@ def get_output(output_id: str, srv: Srv, request: Request,
         return FileResponse(o["path"], media_type="application/zip" if o["kind"] == "zip" else "application/json",
                             filename=Path(o["path"]).name)
     if thumb:
-        from PIL import Image
-
-        with Image.open(o["path"]) as im:
-            im.thumbnail((thumb, thumb))
-            buf = io.BytesIO()
-            im.convert("RGB").save(buf, format="JPEG", quality=85)
-        return Response(buf.getvalue(), media_type="image/jpeg")
+        return Response(thumbnail(o["path"], thumb), media_type="image/jpeg")
     data = public_png(Path(o["path"]).read_bytes(), srv.settings)
     job = srv.store.job(o["job_id"]) if o["kind"] == "image" else None
     fmt = (job["plan"].get("output") or {}) if job else {}

@@ -131,6 +131,150 @@ function setupUpsample(form, model) {
   });
 }
 
+// -- inputs shown as thumbnails, each removable; the inpainting mask drawn on the init image -----------------------
+// A file input's chosen files appear as thumbnails with a Remove button (the input's FileList is rebuilt without
+// the removed one); a kept upload (from Reuse or "Send to") is its thumbnail with a Remove button that unchecks it.
+function setupPicks(form, onChange) {
+  for (const box of form.querySelectorAll(".inputs")) {
+    const input = box.querySelector('input[type="file"]');
+    const thumbs = box.querySelector(".picked");
+    const removeButton = (label, onClick) => {
+      const b = el("button", { type: "button", class: "remove", "data-testid": "remove", "aria-label": `remove ${label}` },
+        "Remove");
+      b.addEventListener("click", onClick);
+      return b;
+    };
+    for (const kept of thumbs.querySelectorAll(".kept")) {
+      const check = kept.querySelector('input[type="checkbox"]');
+      check.closest("label").hidden = true;
+      kept.appendChild(removeButton(kept.querySelector("img").alt, () => { check.checked = false; kept.hidden = true; onChange(); }));
+    }
+    const show = () => {
+      thumbs.querySelectorAll(".chosen").forEach((e) => e.remove());
+      Array.from(input.files || []).forEach((f, i) => {
+        const pick = el("span", { class: "pick chosen", "data-testid": "picked" });
+        pick.appendChild(el("img", { src: URL.createObjectURL(f), alt: f.name, width: 64, height: 64 }));
+        pick.appendChild(removeButton(f.name, () => {
+          const keep = new DataTransfer();
+          Array.from(input.files).forEach((g, j) => { if (j !== i) keep.items.add(g); });
+          input.files = keep.files;
+          show();
+        }));
+        thumbs.appendChild(pick);
+      });
+      if (!input.multiple && input.files.length) {  // a new init or mask replaces the kept one
+        for (const kept of thumbs.querySelectorAll(".kept")) { kept.querySelector("input").checked = false; kept.hidden = true; }
+      }
+      onChange();
+    };
+    input.addEventListener("change", show);
+  }
+}
+
+// The mask editor: the init image with a painted layer over it (white = repaint). The layer is its own canvas at
+// the init's size, black where nothing is painted; on Generate it is uploaded as the mask PNG.
+function setupMask(form) {
+  const editor = document.getElementById("mask-editor");
+  const row = document.getElementById("mask-row");
+  const view = document.getElementById("mask-view");
+  const size = document.getElementById("mask-size");
+  const layer = document.createElement("canvas");
+  const state = { image: null, painted: false, erase: false, source: "" };
+  const paint = () => {
+    const ctx = view.getContext("2d");
+    ctx.globalAlpha = 1;
+    ctx.globalCompositeOperation = "source-over";
+    ctx.drawImage(state.image, 0, 0, view.width, view.height);
+    ctx.globalAlpha = 0.55;
+    ctx.globalCompositeOperation = "screen";
+    ctx.drawImage(layer, 0, 0);
+    ctx.globalAlpha = 1;
+    ctx.globalCompositeOperation = "source-over";
+  };
+  const blank = () => {
+    const ctx = layer.getContext("2d");
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, layer.width, layer.height);
+    state.painted = false;
+  };
+  const initSource = () => {  // the chosen init file, else the kept init upload
+    const file = (form.elements.init.files || [])[0];
+    if (file) return URL.createObjectURL(file);
+    const kept = form.querySelector('input[name="keep_init"]:checked');
+    return kept ? `/v1/files/${kept.value}/content` : "";
+  };
+  const load = (open) => {
+    const src = initSource();
+    row.hidden = !src || !editor.hidden;
+    if (!src) { editor.hidden = true; state.image = null; state.painted = false; return; }
+    if (src === state.source) { if (open) { editor.hidden = false; row.hidden = true; } return; }
+    state.source = src;
+    const img = new Image();
+    img.onload = () => {
+      state.image = img;
+      view.width = layer.width = img.naturalWidth;
+      view.height = layer.height = img.naturalHeight;
+      size.max = String(Math.max(8, Math.round(Math.max(img.naturalWidth, img.naturalHeight) / 2)));
+      size.value = String(Math.max(1, Math.round(Math.max(img.naturalWidth, img.naturalHeight) / 12)));
+      blank();
+      paint();
+      if (open) { editor.hidden = false; row.hidden = true; }
+    };
+    img.src = src;
+  };
+  document.getElementById("draw-mask").addEventListener("click", () => { editor.hidden = false; row.hidden = true; });
+  const tool = (erase) => {
+    state.erase = erase;
+    document.getElementById("mask-brush").setAttribute("aria-pressed", String(!erase));
+    document.getElementById("mask-eraser").setAttribute("aria-pressed", String(erase));
+  };
+  document.getElementById("mask-brush").addEventListener("click", () => tool(false));
+  document.getElementById("mask-eraser").addEventListener("click", () => tool(true));
+  document.getElementById("mask-clear").addEventListener("click", () => { blank(); paint(); });
+  document.getElementById("mask-invert").addEventListener("click", () => {
+    const ctx = layer.getContext("2d");
+    const px = ctx.getImageData(0, 0, layer.width, layer.height);
+    for (let i = 0; i < px.data.length; i += 4) {
+      const v = 255 - px.data[i];
+      px.data[i] = px.data[i + 1] = px.data[i + 2] = v;
+    }
+    ctx.putImageData(px, 0, 0);
+    state.painted = true;
+    paint();
+  });
+  let last = null;
+  const at = (ev) => {  // the pointer in the init image's pixels (the canvas is shown scaled)
+    const r = view.getBoundingClientRect();
+    return [(ev.clientX - r.left) * view.width / r.width, (ev.clientY - r.top) * view.height / r.height];
+  };
+  const stroke = (to) => {
+    const ctx = layer.getContext("2d");
+    const from = last || to;
+    ctx.strokeStyle = state.erase ? "#000" : "#fff";
+    ctx.lineWidth = Number(size.value);
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath(); ctx.moveTo(from[0], from[1]); ctx.lineTo(to[0], to[1]); ctx.stroke();
+    last = to;
+    state.painted = true;
+    paint();
+  };
+  view.addEventListener("pointerdown", (ev) => { if (!state.image) return; view.setPointerCapture(ev.pointerId); last = null; stroke(at(ev)); });
+  view.addEventListener("pointermove", (ev) => { if (last) stroke(at(ev)); });
+  const end = () => { last = null; };
+  view.addEventListener("pointerup", end);
+  view.addEventListener("pointercancel", end);
+  load(editor.dataset.open === "1");
+  return {
+    refresh: () => load(false),
+    // The drawn mask as a PNG, when there is one to send (painted, open, and no mask file or kept mask given).
+    blob: () => new Promise((resolve) => {
+      const given = (form.elements.mask.files || []).length || form.querySelector('input[name="keep_mask"]:checked');
+      if (!state.image || !state.painted || editor.hidden || given) { resolve(null); return; }
+      layer.toBlob(resolve, "image/png");
+    }),
+  };
+}
+
 function setupGenerate() {
   const form = document.getElementById("generate");
   const model = form.querySelector('[name="model"]');
@@ -164,6 +308,8 @@ function setupGenerate() {
   });
   setupUpsample(form, model);
   setupTriggers(form);
+  const mask = setupMask(form);
+  setupPicks(form, () => mask.refresh());
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     clearErrors(form);
@@ -204,15 +350,26 @@ function setupGenerate() {
         if (up.status !== 201) { showError(form, `${name}: ${up.data ? up.data.detail : up.status}`); return; }
         ids.push(up.data.id);
       }
-      const kept = form.elements[`keep_${name}`];
-      if (!ids.length && kept && kept.checked) ids.push(...form.elements[`${name}_file`].value.split(","));
-      if (ids.length) input[name] = name === "images" ? ids : ids[0];
+      // kept uploads, by id: a new init or mask replaces the kept one; new reference images join the kept ones
+      const kept = Array.from(form.querySelectorAll(`input[name="keep_${name}"]:checked`), (k) => k.value);
+      const all = name === "images" ? [...kept, ...ids] : (ids.length ? ids : kept);
+      if (all.length) input[name] = name === "images" ? all : all[0];
+    }
+    const drawn = await mask.blob();
+    if (drawn) {
+      const fd = new FormData();
+      fd.append("file", drawn, "mask.png");
+      const up = await api("POST", "/v1/files", fd);
+      if (up.status !== 201) { showError(form, `mask: ${up.data ? up.data.detail : up.status}`); return; }
+      input.mask = up.data.id;
     }
     const r = await api("POST", "/v1/predictions", { model: model.value, input });
     if (r.status !== 201) { showError(form, r.data ? r.data.detail : `error ${r.status}`); return; }
     watchPrediction(r.data);
   });
 }
+
+const SEND_TO = [["img2img", "Send to img2img"], ["inpaint", "Send to inpaint"], ["reference", "Use as reference"]];
 
 // A finished image as the result panel shows it: large, with its seed, size and time, Download and Reuse.
 function resultFigure(url, seed) {
@@ -228,6 +385,7 @@ function resultFigure(url, seed) {
   const id = url.split("?")[0].split("/").pop();
   cap.appendChild(el("a", { href: url, download: `${id}.png` }, "Download"));
   cap.appendChild(el("a", { href: `/?from=${id}`, "data-testid": "result-reuse" }, "Reuse"));
+  for (const [mode, label] of SEND_TO) cap.appendChild(el("a", { href: `/?from=${id}&send=${mode}`, "data-testid": `send-${mode}` }, label));
   figure.appendChild(cap);
   return figure;
 }
