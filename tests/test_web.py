@@ -3,6 +3,7 @@ server with the bundled demo model."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -376,8 +377,31 @@ def test_field_errors_and_text_that_stays_text(server, logged_in):
     by(d, "submit").click()
     error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"][data-field="width"]'))[0]
     assert "width 100 is not a multiple of 16" in error.text  # the CLI's words
+    # every problem at once, each beside its own field, in the page's words
+    d.get(server.url + "/")
+    fill(d, prompt=PROMPT, width=100, steps=0, seed="abc", strength=0.5)
+    by(d, "submit").click()
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"]')) >= 4)
+    shown = {e.get_attribute("data-field"): e.text
+             for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"]')}
+    assert set(shown) == {"width", "steps", "seed", "strength"}, shown
+    assert "width 100" in shown["width"] and "abc" in shown["seed"] and "Init image" in shown["strength"]
+    for name in shown:  # each sits in its own field's label
+        label = d.find_element(By.CSS_SELECTOR, f'[data-testid="field-error"][data-field="{name}"]').find_element(
+            By.XPATH, "./ancestor::label[1]")
+        assert label.find_elements(By.NAME, name), name
     with server.client() as api:
         assert len(api.get("/v1/predictions").json()["results"]) == before  # nothing was submitted
+        answer = api.post("/v1/predictions/validate", json={"model": "demo", "input": {
+            "prompt": PROMPT, "width": 100, "steps": 0, "seed": "abc", "strength": 0.5}}).json()
+        assert not answer["valid"] and {e["field"] for e in answer["errors"]} == {"width", "steps", "seed", "strength"}
+        assert api.post("/v1/predictions/validate", json={"model": "demo", "input": {"prompt": PROMPT}}).json() == \
+            {"valid": True, "errors": []}
+        assert len(api.get("/v1/predictions").json()["results"]) == before  # checking queues nothing
+    d.get(server.url + "/jobs/nope")  # a 404 keeps the site's navigation
+    assert by(d, "not-found").is_displayed() and d.find_elements(By.CSS_SELECTOR, "header nav a[href='/gallery']")
+    d.get(server.url + "/no/such/page")
+    assert "/no/such/page" in by(d, "not-found").text and by(d, "who").text.startswith("tester-")
     hostile = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1;alert(1)</script> a red circle'
     d.get(server.url + "/")
     fill(d, prompt=hostile, steps=2)
@@ -495,19 +519,48 @@ def test_queue_shows_pending_jobs_and_cancels_one(server, logged_in):
         items = d.find_elements(By.CSS_SELECTOR, '[data-testid="queue-item"]')
         assert [i for i in ids if any(i in x.text for x in items)] == ids
         items[0].find_element(By.CSS_SELECTOR, "button").click()
+        wait(d, lambda d: d.current_url.endswith("/queue"))
+        d.execute_script("window.__same = 1")  # gone if the page reloads
+
+        def listed(d):  # read in one step: the list may be replaced between two reads
+            return " ".join(d.execute_script(
+                "return Array.from(document.querySelectorAll('[data-testid=\"queue-item\"]'), e => e.textContent)"))
+
+        wait(d, lambda d: ids[0] not in listed(d))
+        third = api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "seed": 9}}).json()["id"]
+        wait(d, lambda d: third in listed(d))
+        assert d.execute_script("return window.__same") == 1  # updated from the event stream, not reloaded
         api.post("/v1/queue/resume")
         assert server.wait(api, ids[0])["status"] == "canceled"
         assert server.wait(api, ids[1])["status"] == "succeeded"
+        wait(d, lambda d: third not in listed(d))
+    with server.client() as api, api.stream("GET", "/v1/queue", headers={"Accept": "text/event-stream"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert next(lines).startswith("id:") and next(lines) == "event: queue"
+        assert set(json.loads(next(lines).removeprefix("data: "))) == {"paused", "running", "workers", "pending"}
 
 
 def test_a_grid_from_the_page(server, logged_in):
+    """The grid takes the settings its cells share (size, sampler, ...); an axis's error sits beside that axis."""
     d = logged_in
     d.get(server.url + "/grid")
     d.find_element(By.NAME, "prompt").send_keys(PROMPT)
     d.find_element(By.NAME, "x").send_keys("steps=2,4")
+    d.find_element(By.NAME, "y").send_keys("colour=2,6")
+    by(d, "grid-submit").click()
+    error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="field-error"][data-field="y"]'))[0]
+    assert "colour" in error.text
+    d.find_element(By.NAME, "y").clear()
     d.find_element(By.NAME, "y").send_keys("guidance=2,6")
+    fill(d, grid_width=80, grid_height=64)
+    Select(by(d, "grid-sampler")).select_by_value("heun")
     by(d, "grid-submit").click()
     wait(d, lambda d: "/jobs/" in d.current_url)
+    with server.client() as api:
+        grid = api.get("/v1/grids/" + d.current_url.rstrip("/").split("/")[-1]).json()
+    assert {k: grid["input"][k] for k in ("width", "height", "seed", "sampler")} == \
+        {"width": 80, "height": 64, "seed": 0, "sampler": "heun"}, grid["input"]
     wait(d, lambda d: d.find_elements(By.ID, "sheet"), timeout=120)
     assert len(d.find_elements(By.CSS_SELECTOR, "#results img")) == 4
     cookie = d.get_cookie("fluxlab_session")["value"]
@@ -532,6 +585,18 @@ def test_the_page_works_without_javascript(server, logged_in):
         assert "/image/out_" in page.text
         thumb = re.search(r'<img src="(/v1/outputs/[^"]+)"', page.text).group(1)  # a thumbnail, not the PNG
         assert "sig=" not in thumb and c.get(thumb).headers["content-type"] == "image/jpeg"
+        # Cancel without JavaScript: the page it lands on says canceled
+        r = c.post("/generate", data={"prompt": PROMPT, "seed": "33", "steps": "300", "width": "256",
+                                      "height": "256", "model": "demo"})
+        job_url = r.headers["location"]
+        with server.client() as api:
+            deadline = time.time() + 60
+            while api.get("/v1/predictions/" + job_url.split("/")[-1]).json()["status"] != "processing" and \
+                    time.time() < deadline:
+                time.sleep(0.1)
+        after = c.post(job_url + "/cancel", headers={"Referer": server.url + job_url}, follow_redirects=True)
+        assert after.status_code == 200 and 'data-testid="cancel-note"' in after.text
+        assert "Canceled" in after.text and '<strong id="status">canceled</strong>' in after.text
         bad = c.post("/generate", data={"prompt": PROMPT, "width": "100", "model": "demo"})
         assert bad.status_code == 422 and 'data-field="width"' in bad.text and "multiple of 16" in bad.text
         # The size preset works without JavaScript: the posted preset is the image's size.

@@ -73,16 +73,20 @@ def install_handlers(app: FastAPI, settings) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        from ..spec.typed import location
+        return answer(422, body_error(e.errors()[0]))
 
-        err = e.errors()[0]
-        where = location([p for p in err["loc"] if p != "body"]) or "body"
-        given = err.get("input")
-        msg = err["msg"].removeprefix("Value error, ")
-        text = f"{where}: {msg[0].lower()}{msg[1:]}" if where != "body" or err["type"] != "value_error" else msg
-        if err["type"] not in ("missing", "value_error") and not isinstance(given, (dict, list)):
-            text += f" (got {str(given)[:60]!r})"
-        return answer(422, text)
+
+def body_error(err: dict) -> str:
+    """One of pydantic's errors about a request body as the API's one line: where, what, and what was given."""
+    from ..spec.typed import location
+
+    where = location([p for p in err["loc"] if p != "body"]) or "body"
+    given = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    text = f"{where}: {msg[0].lower()}{msg[1:]}" if where != "body" or err["type"] != "value_error" else msg
+    if err["type"] not in ("missing", "value_error") and not isinstance(given, (dict, list)):
+        text += f" (got {str(given)[:60]!r})"
+    return text
 
 
 class Throttle:

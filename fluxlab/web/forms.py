@@ -10,6 +10,7 @@ from fastapi.responses import RedirectResponse, Response
 from ..serve.deps import SESSION_COOKIE
 from ..serve.http import ApiError, check_origin
 from .site import (
+    FIELDS,
     FLOATS,
     INTS,
     LORA_ROWS,
@@ -21,6 +22,7 @@ from .site import (
     guarded,
     in_page_words,
     lora_key,
+    not_found,
     number,
     render,
     safe_next,
@@ -106,6 +108,22 @@ async def kept_files(request: Request, ids: list) -> list[tuple[str, str]]:
     return kept
 
 
+async def every_error(request: Request, check: str, body: dict, refused) -> dict:
+    """Every problem of a refused form at once, each beside the field it names (in the page's words): the API's
+    validate call lists them all; the refusal's own line stays when that call finds nothing more."""
+    errors: dict = {}
+    r = await call(request, "POST", check, json=body)
+    found = r.json().get("errors", []) if r.status_code == 200 else []
+    if not found:
+        detail = refused.json().get("detail", str(refused.status_code))
+        found = [{"field": field_of(detail), "detail": detail}]
+    for e in found:
+        field = e["field"] if e["field"] in FIELDS else field_of(e["detail"])
+        text = in_page_words(e["detail"])
+        errors[field] = f"{errors[field]}; {text}" if field in errors else text
+    return errors
+
+
 @router.post("/generate")
 @guarded
 async def generate_form(request: Request):
@@ -132,11 +150,11 @@ async def generate_form(request: Request):
     elif infos:
         inp["lora"] = [*inp.get("lora", []), {"name": infos[0]["id"], "scale": 1.0}]
     if not errors:
-        r = await call(request, "POST", "/v1/predictions", json={"model": form.get("model", "demo"), "input": inp})
+        body = {"model": form.get("model", "demo"), "input": inp}
+        r = await call(request, "POST", "/v1/predictions", json=body)
         if r.status_code == 201:
             return RedirectResponse(f"/jobs/{r.json()['id']}", status_code=303)
-        detail = r.json().get("detail", str(r.status_code))
-        errors[field_of(detail)] = in_page_words(detail)
+        errors = await every_error(request, "/v1/predictions/validate", body, r)
     return render(request, "generate.html", status=422, page="generate", title="Generate", form=form,
                   errors=errors, **(await choices(request)))
 
@@ -144,17 +162,27 @@ async def generate_form(request: Request):
 @router.post("/grid")
 @guarded
 async def grid_form(request: Request):
+    """A grid with the base settings every cell shares (the generate form's size, steps, guidance, seed, sampler
+    and LoRA stack); an error beside the field it names, the axis it is about included."""
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    base = {k: v for k, v in prediction_input(form).items() if k in ("width", "height", "steps", "guidance", "seed",
+                                                                      "sampler", "lora")}
     body = {"model": form.get("model", "demo"), "prompt": form.get("prompt", ""), "x": form.get("x", ""),
-            "y": form.get("y") or None, "input": {}}
-    if form.get("seed", "").strip():
-        body["input"]["seed"] = number(form["seed"], int)
+            "y": form.get("y") or None, "input": base}
     r = await call(request, "POST", "/v1/grids", json=body)
     if r.status_code == 201:
         return RedirectResponse(f"/jobs/{r.json()['id']}", status_code=303)
     detail = r.json().get("detail", str(r.status_code))
-    return render(request, "grid.html", status=422, page="grid", title="Grid", form=form, errors={"": detail},
-                  **(await choices(request)))
+    field = field_of(detail)
+    for axis in ("x", "y"):  # an axis's error quotes its text or names its field
+        text = form.get(axis, "").strip()
+        name = text.partition("=")[0].strip()
+        if re.match(rf"^{axis}\b", detail) or (text and (repr(text) in detail or (name and (
+                f"axis {name}" in detail or repr(name) in detail)))):
+            field = axis
+            break
+    return render(request, "grid.html", status=422, page="grid", title="Grid", form=form,
+                  errors={field: in_page_words(detail)}, **(await choices(request)))
 
 
 def training_input(form: dict, ids: list[dict]) -> dict:
@@ -231,7 +259,7 @@ async def dataset_train(request: Request, job_id: str):
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
     r = await call(request, "GET", f"/v1/captions/{job_id}")
     if r.status_code != 200 or r.json()["status"] != "succeeded":
-        return Response(f"no captioned dataset {job_id}", status_code=404, media_type="text/plain")
+        return not_found(request, f"no captioned dataset {job_id}")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for i, row in enumerate(r.json()["output"]["captions"]):

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from .site import (
@@ -26,8 +26,10 @@ from .site import (
     dataset_view,
     guarded,
     lora_key,
+    not_found,
     render,
     safe_next,
+    who,
 )
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
@@ -51,6 +53,17 @@ def mount(app: FastAPI) -> None:
 
     app.include_router(router)
     app.include_router(forms.router)
+
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def missing(request: Request, e: HTTPException):
+        """An unknown page is the site's 404 page for a visitor who is logged in; the API keeps its JSON."""
+        if e.status_code == 404 and not request.url.path.startswith(("/v1/", "/static/")) and who(request):
+            return not_found(request, f"There is no page {request.url.path[:200]}.")
+        from fastapi.exception_handlers import http_exception_handler
+
+        return await http_exception_handler(request, e)
 
 
 @router.get("/login")
@@ -88,7 +101,7 @@ async def find_job(request: Request, job_id: str):
 async def job_page(request: Request, job_id: str):
     kind, _, job = await find_job(request, job_id)
     if job is None:
-        return Response(f"no job {job_id}", status_code=404, media_type="text/plain")
+        return not_found(request, f"no job {job_id}")
     p = job.get("progress") or {}
     if "step" in p:
         progress = {"value": p["step"], "max": p["total"], "text": f"step {p['step']}/{p['total']}"}
@@ -102,6 +115,7 @@ async def job_page(request: Request, job_id: str):
     paths = [urlsplit(u).path for u in images or []]
     outputs = [{"id": p.rsplit("/", 1)[1], "url": p} for p in paths]
     return render(request, "job.html", page="job", title=f"{kind} {job_id}", job=job, kind=kind,
+                  cancel_asked=request.query_params.get("cancel") == "asked",
                   done=job["status"] in ("succeeded", "failed", "canceled"), progress=progress, outputs=outputs,
                   grid=job["output"] if kind == "grid" else None)
 
@@ -114,7 +128,18 @@ async def job_cancel(request: Request, job_id: str):
         r = await call(request, "POST", f"/v1/trainings/{job_id}/cancel")
         return RedirectResponse(f"/trainings/{job_id}" if r.status_code == 200 else "/queue", status_code=303)
     await call(request, "POST", f"/v1/{path}/{job_id}/cancel")
-    return RedirectResponse(request.headers.get("referer") or f"/jobs/{job_id}", status_code=303)
+    if urlsplit(request.headers.get("referer") or "").path == "/queue":
+        return RedirectResponse("/queue", status_code=303)
+    # Without JavaScript the next page is all the visitor sees: wait (briefly) for the worker to stop, so it
+    # says canceled rather than still running.
+    import asyncio
+
+    for _ in range(50):
+        r = await call(request, "GET", f"/v1/{path}/{job_id}")
+        if r.status_code != 200 or r.json()["status"] in ("succeeded", "failed", "canceled"):
+            break
+        await asyncio.sleep(0.1)
+    return RedirectResponse(f"/jobs/{job_id}?cancel=asked", status_code=303)
 
 
 @router.get("/queue")
@@ -158,7 +183,7 @@ async def gallery_page(request: Request):
 async def image_page(request: Request, out_id: str):
     r = await call(request, "GET", f"/v1/outputs/{out_id}/record")
     if r.status_code != 200:
-        return Response(f"no image {out_id}", status_code=404, media_type="text/plain")
+        return not_found(request, f"no image {out_id}")
     from ..spec.record import ImageRecord
 
     record = ImageRecord.model_validate({k: v for k, v in r.json().items() if k != "files"})
@@ -209,7 +234,7 @@ async def dataset_page(request: Request, job_id: str):
     and the form that trains on them."""
     r = await call(request, "GET", f"/v1/captions/{job_id}")
     if r.status_code != 200:
-        return Response(f"no dataset {job_id}", status_code=404, media_type="text/plain")
+        return not_found(request, f"no dataset {job_id}")
     return await dataset_view(request, r.json(), {"model": "demo"}, {})
 
 
@@ -218,7 +243,7 @@ async def dataset_page(request: Request, job_id: str):
 async def training_page(request: Request, job_id: str):
     r = await call(request, "GET", f"/v1/trainings/{job_id}")
     if r.status_code != 200:
-        return Response(f"no training {job_id}", status_code=404, media_type="text/plain")
+        return not_found(request, f"no training {job_id}")
     job = r.json()
     losses = [s["loss"] for s in (await call(request, "GET", f"/v1/trainings/{job_id}/loss")).json()["steps"]]
     p = job.get("progress") or {}

@@ -54,6 +54,11 @@ def render(request: Request, template: str, status: int = 200, **ctx) -> Respons
     return templates.TemplateResponse(request, template, {"owner": name, "admin": admin, **ctx}, status_code=status)
 
 
+def not_found(request: Request, message: str) -> Response:
+    """A 404 as a page, with the site's navigation (a page that is gone, or someone else's)."""
+    return render(request, "notfound.html", status=404, page="notfound", title="Not found", message=message)
+
+
 async def call(request: Request, method: str, path: str, **kw):
     """The public API, asked in-process as this visitor (their cookie, this server's Origin)."""
     import httpx

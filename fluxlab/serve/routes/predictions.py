@@ -111,6 +111,60 @@ async def create_prediction(body: PredictionCreate, who: Who, srv: Srv, request:
     return await submit(srv, "prediction", body, who, new_id(), plan, request, prefer)
 
 
+@router.post("/validate")
+def validate_prediction(body: dict, who: Who, srv: Srv) -> dict:
+    """Check a prediction's body without queueing it, and name every problem at once: `errors` lists each as
+    {field, detail} (`field` the input key it names, or null), the same one-line details POST would answer one at
+    a time. What a form shows beside each of its fields."""
+    from pydantic import ValidationError
+
+    from ...errors import UserError
+    from ..http import body_error, public
+
+    body = {**body, "input": dict(body.get("input") or {}) if isinstance(body.get("input"), dict) else {}}
+    errors: list[dict] = []
+    for _ in range(24):  # each round finds one more problem and sets its field aside
+        try:
+            parsed = PredictionCreate.model_validate(body)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = [p for p in err["loc"] if p != "body"]
+                key = loc[1] if len(loc) > 1 and loc[0] == "input" else (loc[0] if loc else None)
+                errors.append({"field": key if isinstance(key, str) else None, "detail": body_error(err)})
+            dropped = {e["field"] for e in errors} & set(body["input"])
+            if not dropped:
+                break
+            body["input"] = {k: v for k, v in body["input"].items() if k not in dropped}
+            continue
+        try:
+            plan(srv, parsed, who, "validate")
+            break
+        except (ApiError, UserError) as e:
+            if isinstance(e, ApiError) and e.status != 422:
+                raise
+            detail = e.detail if isinstance(e, ApiError) else str(e)
+            key = named_field(detail, [*body["input"], "model", "version"])
+            errors.append({"field": key, "detail": detail})
+            if key not in body["input"]:
+                break
+            body["input"] = {k: v for k, v in body["input"].items() if k != key}
+    return {"valid": not errors, "errors": [{**e, "detail": public(e["detail"], srv.settings)} for e in errors]}
+
+
+def named_field(detail: str, keys: list[str]) -> str | None:
+    """The input key an error names: its `input.KEY:` prefix, its first word, or the earliest key (or its CLI flag,
+    --num-images for num_images) the sentence mentions."""
+    m = re.match(r"^(?:input\.)?([a-z_]+)", detail)
+    if m and m.group(1) in keys:
+        return m.group(1)
+    found = []
+    for key in keys:
+        hit = re.search(rf"(?<![\w-])(?:{re.escape(key)}|--{re.escape(key.replace('_', '-'))})\b", detail)
+        if hit:
+            found.append((hit.start(), key))
+    return min(found)[1] if found else None
+
+
 @router.put("/{prediction_id}", status_code=201, response_model=Job)
 async def put_prediction(prediction_id: str, body: PredictionCreate, who: Who, srv: Srv, request: Request,
                          prefer: Annotated[str | None, Header()] = None):

@@ -14,10 +14,49 @@ webhooks = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=ERRORS)
 health = APIRouter(tags=["health"])
 
 
-@queue.get("")
-def get_queue(who: Who, srv: Srv, request: Request) -> dict:
+@queue.get("", responses={200: {"content": {"text/event-stream": {}}}})
+async def get_queue(who: Who, srv: Srv, request: Request, accept: Annotated[str | None, Header()] = None):
     """The running jobs (one per busy worker: `workers`) and the pending ones in order; other owners' jobs without
-    their details (an admin sees them all). `running` is the first running job, as with one worker."""
+    their details (an admin sees them all). `running` is the first running job, as with one worker. Asked with
+    `Accept: text/event-stream` (an EventSource), it is a stream instead: a `queue` event with this object each
+    time the queue changes (a job queued, started, ended; a worker added, loading, paused)."""
+    from starlette.concurrency import run_in_threadpool
+
+    if accept and "text/event-stream" in accept:
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(queue_events(who, srv, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return await run_in_threadpool(snapshot, who, srv, request)
+
+
+async def queue_events(who, srv, request: Request, every_s: float = 0.5, ping_s: float = 15.0):
+    """`queue` events: the snapshot whenever it differs from the last one sent (a worker's memory, which moves on
+    every heartbeat, is not a change on its own), a comment every `ping_s` seconds otherwise."""
+    import asyncio
+    import json
+    import time
+
+    from starlette.concurrency import run_in_threadpool
+
+    from ..jobs import sse
+
+    last, quiet, seq = None, time.monotonic(), 0
+    while not await request.is_disconnected():
+        now = await run_in_threadpool(snapshot, who, srv, request)
+        key = json.dumps({**now, "workers": [{k: v for k, v in w.items() if k != "rss_bytes"}
+                                             for w in now["workers"]]}, sort_keys=True, default=str)
+        if key != last:
+            seq += 1
+            yield sse("queue", now, seq)
+            last, quiet = key, time.monotonic()
+        elif time.monotonic() - quiet > ping_s:
+            yield ": ping\n\n"
+            quiet = time.monotonic()
+        await asyncio.sleep(every_s)
+
+
+def snapshot(who, srv, request: Request) -> dict:
     store, broker = srv.store, srv.broker
 
     def shown(job: dict | None) -> dict | None:

@@ -44,8 +44,8 @@ function inPageWords(message) {
   return message;
 }
 
-function showError(form, message) {
-  const field = fieldOf(message);
+function showError(form, message, named = null) {
+  const field = named && FIELDS.includes(named) ? named : fieldOf(message);
   const input = field && form.querySelector(`[name="${field}"]`);
   const note = el("span", { class: "error", "data-testid": "field-error", "data-field": field, "data-js": "1" },
     inPageWords(message));
@@ -364,7 +364,13 @@ function setupGenerate() {
       input.mask = up.data.id;
     }
     const r = await api("POST", "/v1/predictions", { model: model.value, input });
-    if (r.status !== 201) { showError(form, r.data ? r.data.detail : `error ${r.status}`); return; }
+    if (r.status !== 201) {  // every problem at once, each beside its field
+      const all = r.status === 422 ? await api("POST", "/v1/predictions/validate", { model: model.value, input }) : null;
+      const errors = all && all.status === 200 && all.data.errors.length ? all.data.errors : null;
+      if (!errors) { showError(form, r.data ? r.data.detail : `error ${r.status}`); return; }
+      for (const e of errors) showError(form, e.detail, e.field);
+      return;
+    }
     watchPrediction(r.data);
   });
 }
@@ -544,8 +550,21 @@ async function setupTraining() {
   });
 }
 
-// -- the queue: refreshed while the page is open -----------------------------------------------------------------
-function setupQueue() { window.setTimeout(() => window.location.reload(), 4000); }
+// -- the queue: follows GET /v1/queue as an event stream; on each change the server's own rendering of the list
+// replaces the one shown (one template for both), so nothing reloads under a Cancel click while nothing changes.
+function setupQueue() {
+  const section = document.querySelector("main section.card");
+  let first = true;
+  const source = new EventSource("/v1/queue");
+  source.addEventListener("queue", async () => {
+    if (first) { first = false; return; }  // the state the page was rendered with
+    const r = await fetch("/queue", { credentials: "same-origin" });
+    if (!r.ok) return;
+    const fresh = new DOMParser().parseFromString(await r.text(), "text/html").querySelector("main section.card");
+    if (fresh) section.replaceChildren(...Array.from(fresh.childNodes, (n) => document.importNode(n, true)));
+    section.dataset.updates = String(Number(section.dataset.updates || 0) + 1);
+  });
+}
 
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
