@@ -121,6 +121,11 @@ def test_no_owner_reaches_another(server, tenants, tmp_path):
             expected = 403 if path.startswith("/v1/queue/") else (409 if method == "put" else 404)
             assert status == expected, (method, path, status)
             walked += 1
+    # paths without an id in them: alice's images are not bob's to zip or to filter by her LoRA
+    assert bob.post("/v1/outputs/zip", json={"ids": [ids["output_id"]]}).status_code == 404
+    assert bob.get("/v1/outputs", params={"lora": ids["training_id"]}).status_code == 422
+    mine = alice.post("/v1/outputs/zip", json={"ids": [ids["output_id"]]})
+    assert mine.status_code == 200 and mine.headers["content-type"] == "application/zip"
     # by name: alice's LoRA and training id are no names for bob's predictions
     for name in ("style-x", ids["training_id"], ids["file_id"]):
         r = bob.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "lora": [{"name": name}]}})

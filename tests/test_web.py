@@ -342,6 +342,31 @@ def test_gallery_search_and_filter_and_a_large_image_with_a_confirmed_delete(ser
     wait(d, lambda d: "model=tiny-klein" in d.current_url and d.find_elements(By.TAG_NAME, "main"))
     assert not d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"]') and "No image matches" in \
         d.find_element(By.TAG_NAME, "main").text
+    # several at once: two ticked are downloaded as one zip, then deleted after a confirmation page
+    with server.client() as api:
+        for seed in (73, 74):
+            api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": "a tick me square", "seed": seed,
+                                                                         "steps": 1}}, headers={"Prefer": "wait=60"})
+    d.get(server.url + "/gallery?q=tick+me")
+    ticked = [a.get_attribute("href").rsplit("/", 1)[1]
+              for a in d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"] a')]
+    assert len(ticked) == 2
+    cookie = d.get_cookie("fluxlab_session")["value"]
+    zipped = httpx.post(server.url + "/gallery/selection", data={"action": "download", "ids": ticked},
+                        cookies={"fluxlab_session": cookie}, headers={"Origin": server.url})
+    import io
+    import zipfile
+
+    assert sorted(zipfile.ZipFile(io.BytesIO(zipped.content)).namelist()) == sorted(f"{i}.png" for i in ticked)
+    for box in d.find_elements(By.CSS_SELECTOR, '[data-testid="select"]'):
+        box.click()
+    by(d, "delete-selected").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="confirm-delete"]'))
+    assert "Delete 2 images?" in d.find_element(By.TAG_NAME, "h1").text
+    by(d, "confirm-delete").click()
+    wait(d, lambda d: d.current_url.endswith("/gallery"))
+    with server.client() as api:
+        assert all(api.get(f"/v1/outputs/{i}/record").status_code == 404 for i in ticked)
     d.get(server.url + "/gallery?q=zebra")
     d.find_element(By.CSS_SELECTOR, '[data-testid="gallery-item"] a').click()
     wait(d, lambda d: by(d, "image-large").size["width"] >= 512)  # shown large, not at its 64 px
@@ -495,6 +520,17 @@ def test_train_from_the_page_then_generate_with_it(server, logged_in, tmp_path):
     assert [lo["scale"] for lo in job["input"]["lora"]] == [0.5, 1.0]
     d.get(server.url + "/")
     assert "uploaded zxq.safetensors" in [o.text for o in Select(by(d, "lora-2")).options]
+    # the gallery filtered by the LoRA: the two images made with it, not the one made without
+    name = job["input"]["lora"][0]["name"]
+    d.get(server.url + "/gallery")
+    Select(by(d, "gallery-lora")).select_by_value(name)
+    by(d, "gallery-filter").click()
+    wait(d, lambda d: "lora=" in d.current_url and d.find_elements(By.TAG_NAME, "main"))
+    shown = {a.get_attribute("href").rsplit("/", 1)[1]
+             for a in d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"] a')}
+    stacked = job["output"][0].split("?")[0].rstrip("/").split("/")[-1]
+    plain_id = plain["output"][0].split("?")[0].rstrip("/").split("/")[-1]
+    assert shown == {out_id, stacked} and plain_id not in shown
 
 
 def test_the_generate_page_fits_a_phone(server, logged_in):

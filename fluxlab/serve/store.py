@@ -390,9 +390,9 @@ class Store:
         return dict(row) if row else None
 
     def recent_outputs(self, owner: str, before: float | None, limit: int, text: str | None = None,
-                       model: str | None = None) -> list[dict]:
+                       model: str | None = None, lora_sha256: str | None = None) -> list[dict]:
         """The owner's images, newest first, each with its job's prompt and model; `text` keeps those whose prompt
-        contains it (any case), `model` those of one model."""
+        contains it (any case), `model` those of one model, `lora_sha256` those made with that LoRA file."""
         sql = ("SELECT o.*, j.model AS model, COALESCE(json_extract(j.plan, '$.request.prompt'), "
                "json_extract(j.input, '$.prompt')) AS prompt FROM outputs o LEFT JOIN jobs j ON j.id = o.job_id "
                "WHERE o.owner = ? AND o.kind = 'image'")
@@ -406,6 +406,10 @@ class Store:
         if model:
             sql += " AND j.model = ?"
             args.append(model)
+        if lora_sha256:
+            sql += (" AND EXISTS (SELECT 1 FROM json_each(j.plan, '$.model.loras') l "
+                    "WHERE json_extract(l.value, '$.sha256') = ?)")
+            args.append(lora_sha256)
         return [dict(r) for r in self.db.execute(sql + " ORDER BY o.created_at DESC, o.idx DESC LIMIT ?",
                                                   (*args, limit))]
 

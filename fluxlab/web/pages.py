@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .site import (
@@ -35,6 +35,7 @@ from .site import (
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 router = APIRouter(include_in_schema=False)
+OUTPUT_ID = re.compile(r"out_[a-z0-9]{1,64}")
 
 
 def mount(app: FastAPI) -> None:
@@ -163,19 +164,47 @@ async def gallery_page(request: Request):
     from urllib.parse import urlencode
 
     params: dict = {"limit": 48}
-    for key in ("before", "q", "model"):
+    for key in ("before", "q", "model", "lora"):
         if request.query_params.get(key):
             params[key] = request.query_params[key][:200]
-    data = (await call(request, "GET", "/v1/outputs", params=params)).json()
+    r = await call(request, "GET", "/v1/outputs", params=params)
+    data = r.json() if r.status_code == 200 else {}
     nxt = data.get("next")
     older = None
     if nxt:
-        kept = {k: v for k, v in params.items() if k in ("q", "model")}
+        kept = {k: v for k, v in params.items() if k in ("q", "model", "lora")}
         older = "/gallery?" + urlencode({**kept, "before": re.search(r"before=([0-9.]+)", nxt).group(1)})
     c = await choices(request)
-    return render(request, "gallery.html", page="gallery", title="Gallery", outputs=data.get("results", []),
-                  older=older, q=params.get("q", ""), model=params.get("model", ""),
-                  models=[m["name"] for m in c["models"]])
+    return render(request, "gallery.html", status=r.status_code if r.status_code != 200 else 200, page="gallery",
+                  title="Gallery", outputs=data.get("results", []), older=older, q=params.get("q", ""),
+                  model=params.get("model", ""), lora=params.get("lora", ""), loras=c["loras"],
+                  models=[m["name"] for m in c["models"]], error=None if r.status_code == 200 else r.json()["detail"])
+
+
+@router.post("/gallery/selection")
+@guarded
+async def gallery_selection(request: Request):
+    """Ticked images: downloaded as one zip (POST /v1/outputs/zip), or a page that asks before deleting them."""
+    data = await request.form()
+    ids = [i for i in data.getlist("ids") if isinstance(i, str) and OUTPUT_ID.fullmatch(i)][:200]
+    if not ids:
+        return RedirectResponse("/gallery", status_code=303)
+    if data.get("action") == "download":
+        r = await call(request, "POST", "/v1/outputs/zip", json={"ids": ids})
+        if r.status_code != 200:
+            return not_found(request, r.json().get("detail", "no such image"))
+        return Response(r.content, media_type="application/zip",
+                        headers={"Content-Disposition": 'attachment; filename="images.zip"'})
+    return render(request, "delete.html", page="gallery", title="Delete images", ids=ids)
+
+
+@router.post("/gallery/delete")
+@guarded
+async def gallery_delete(request: Request):
+    for i in (await request.form()).getlist("ids")[:200]:
+        if isinstance(i, str) and OUTPUT_ID.fullmatch(i):
+            await call(request, "DELETE", f"/v1/outputs/{i}")
+    return RedirectResponse("/gallery", status_code=303)
 
 
 @router.get("/image/{out_id}")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, Field
 
 from ..deps import Owner, Srv, base, caller
 from ..http import ApiError, iso, public
@@ -97,21 +98,52 @@ def thumbnail(path: str, side: int) -> bytes:
 def list_outputs(who: Owner, srv: Srv, request: Request, before: Annotated[float | None, Query(ge=0, le=1e12)] = None,
                  limit: Annotated[int, Query(ge=1, le=200)] = 48,
                  q: Annotated[str | None, Query(max_length=200, description="Words the prompt contains.")] = None,
-                 model: Annotated[str | None, Query(max_length=512, description="One model's images.")] = None) -> dict:
+                 model: Annotated[str | None, Query(max_length=512, description="One model's images.")] = None,
+                 lora: Annotated[str | None, Query(max_length=200, description=(
+                     "Images made with one of your LoRAs (its name, training id or uploaded file id)."))] = None
+                 ) -> dict:
     """This token's images, newest first (a gallery), each with its prompt and model; `q` searches the prompts,
-    `model` keeps one model's; `next` pages back in time."""
+    `model` keeps one model's, `lora` those made with a LoRA; `next` pages back in time."""
     from urllib.parse import urlencode
 
-    rows = srv.store.recent_outputs(who, before, limit + 1, q, model)
+    sha = None
+    if lora:
+        row = srv.store.lora(lora, who) or srv.store.file(lora, who)
+        if row is None or row.get("kind", "lora") != "lora":
+            names = [r["name"] for r in srv.store.loras(who)]
+            raise ApiError(422, f"lora: you have no LoRA {lora!r}; yours: {', '.join(names) or 'none'}")
+        sha = row["sha256"]
+    rows = srv.store.recent_outputs(who, before, limit + 1, q, model, sha)
     more = rows[limit:] != []
     rows = rows[:limit]
     b = base(request)
     items = [{"id": o["id"], "url": f"{b}/v1/outputs/{o['id']}", "thumb": f"{b}/v1/outputs/{o['id']}?thumb=256",
               "job": o["job_id"], "seed": o["seed"], "created_at": iso(o["created_at"]), "model": o["model"],
               "prompt": public(o["prompt"] or "", srv.settings)} for o in rows]
-    extra = urlencode({k: v for k, v in (("q", q), ("model", model)) if v})
+    extra = urlencode({k: v for k, v in (("q", q), ("model", model), ("lora", lora)) if v})
     return {"results": items, "next": f"{b}/v1/outputs?before={rows[-1]['created_at']}&limit={limit}"
             + (f"&{extra}" if extra else "") if more else None}
+
+
+class Selection(BaseModel):
+    ids: list[str] = Field(min_length=1, max_length=200, description="Output ids: your images.")
+
+
+@outputs.post("/zip", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
+def zip_outputs(body: Selection, who: Owner, srv: Srv) -> Response:
+    """Several of your images in one zip (each as its PNG, with its record), in the order given."""
+    import zipfile
+
+    found = [(i, srv.store.output(i, who)) for i in dict.fromkeys(body.ids)]
+    missing = [i for i, o in found if o is None or o["kind"] not in ("image", "cell") or not Path(o["path"]).is_file()]
+    if missing:
+        raise ApiError(404, f"no image {missing[0]!r}")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already
+        for i, o in found:
+            z.writestr(f"{i}.png", public_png(Path(o["path"]).read_bytes(), srv.settings))
+    return Response(buf.getvalue(), media_type="application/zip",
+                    headers={"Content-Disposition": 'attachment; filename="images.zip"'})
 
 
 @outputs.get("/{output_id}/record")
