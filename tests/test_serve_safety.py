@@ -378,6 +378,9 @@ STRICT = [
     ("batch_size", "POST", "/v1/trainings", None, 422, "batch_size"),
     ("resolution", "POST", "/v1/trainings", None, 422, "resolution 65536"),
     ("rank", "POST", "/v1/trainings", None, 422, "linear"),
+    ("nine sample prompts", "POST", "/v1/trainings", json.dumps({"model": "demo", "input": {
+        "input_images": "file_x", "trigger_word": "x", "sample_prompts": ["p"] * 9}}), 422, "sample_prompts"),
+    ("a selection of none", "POST", "/v1/outputs/zip", '{"ids": []}', 422, "ids"),
 ]
 YAML = {"yaml aliases": "a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b]\n",
         "batch_size": "train: {batch_size: 100000}", "resolution": "datasets: [{folder_path: x, resolution: [65536]}]",

@@ -660,6 +660,8 @@ def test_a_dataset_is_captioned_edited_and_trained_from_the_page(server, logged_
             path = tmp_path / f"ring_{i}.png"
             render(s, seed=i).save(path)
             z.write(path, path.name)
+        Image.new("RGB", (40, 40), (250, 250, 250)).save(tmp_path / "tiny.png")  # smaller than the demo trains at
+        z.write(tmp_path / "tiny.png", "tiny.png")
     cookie = logged_in.get_cookie("fluxlab_session")["value"]
     with httpx.Client(base_url=server.url, cookies={"fluxlab_session": cookie}, headers={"Origin": server.url},
                       timeout=120) as c:
@@ -673,12 +675,26 @@ def test_a_dataset_is_captioned_edited_and_trained_from_the_page(server, logged_
             time.sleep(0.3)
             page = c.get(r.headers["location"])
         first = ring_scenes(4, 2)[0].caption.replace("ring", "zxq")
-        assert page.text.count('data-testid="dataset-item"') == 4 and first in page.text
+        assert page.text.count('data-testid="dataset-item"') == 5 and first in page.text
         thumb = re.search(r'<img src="(/v1/outputs/[^"]+)"', page.text).group(1)
         assert c.get(thumb).headers["content-type"] == "image/jpeg"
-        t = c.post(r.headers["location"] + "/train", data={"caption_0": "zxq, edited by hand", "model": "demo",
-                                                            "trigger_word": "zxq", "steps": "2"})
+        # before training: how many are captioned, and what would train badly (too few, too small)
+        assert re.search(r"5 of 5 images captioned", page.text)
+        warnings = re.search(r'data-testid="dataset-warnings">(.*?)</ul>', page.text, re.S).group(1)
+        assert "5 images" in warnings and "1 smaller than the 64 px" in warnings and "tiny.png" in warnings
+        assert "tiny.png · 40x40" in page.text
+        t = c.post(r.headers["location"] + "/train", data={
+            "caption_0": "zxq, edited by hand", "model": "demo", "trigger_word": "zxq", "steps": "2",
+            "sample_prompts": "a zxq on a table\n\n[trigger] alone\n"})
         assert t.status_code == 303 and t.headers["location"].startswith("/trainings/"), t.text
+        job_id = t.headers["location"].rsplit("/", 1)[1]
+        with server.client() as api:
+            job = server.wait(api, job_id, kind="training")
+        assert job["status"] == "succeeded"
+        assert job["input"]["sample_prompts"] == ["a zxq on a table", "[trigger] alone"]
+        labels = re.findall(r'data-testid="sample-label">([^<]*)<', c.get(t.headers["location"]).text)
+        assert labels == ["step 1 · a zxq on a table", "step 1 · zxq alone", "step 2 · a zxq on a table",
+                          "step 2 · zxq alone"], labels
     uploads = sorted(server.data.glob("files/*/dataset.zip"), key=lambda p: p.stat().st_mtime)
     with zipfile.ZipFile(uploads[-1]) as z:
         assert z.read("ring_0.txt").decode() == "zxq, edited by hand\n"

@@ -46,7 +46,7 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
             output = json.loads(Path(listed[0]["path"]).read_text())
     else:
         loras = store.outputs(job["id"], "lora")
-        output = {"samples": urls("sample")}
+        output = {"samples": urls("sample"), "sample_labels": sample_labels(plan, store.outputs(job["id"], "sample"))}
         if loras:
             output |= {"weights": output_url(store, base, loras[0]["id"]), "lora": plan.get("lora_name") or job["id"]}
             if plan.get("destination"):
@@ -67,6 +67,22 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
     if broker is not None and job["id"] in broker.progress:
         obj["progress"] = broker.progress[job["id"]]
     return obj
+
+
+def sample_labels(plan: dict, samples: list[dict]) -> list[dict]:
+    """Each training sample's step and prompt (its file is step<N>-<k>.png, k its prompt's place in the plan)."""
+    import re
+
+    process = ((plan.get("config") or {}).get("config") or {}).get("process") or [{}]
+    prompts = (process[0].get("sample") or {}).get("prompts") or []
+    trigger = process[0].get("trigger_word") or ""
+    labels = []
+    for o in samples:
+        m = re.match(r"step(\d+)-(\d+)", Path(o["path"]).name)
+        step, k = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+        prompt = prompts[k] if k is not None and k < len(prompts) else ""
+        labels.append({"step": step, "prompt": prompt.replace("[trigger]", trigger)})
+    return labels
 
 
 def listing(srv: Server, who: str, kind: str, cursor: str | None, limit: int, base: str) -> dict:

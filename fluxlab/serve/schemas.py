@@ -120,6 +120,9 @@ class TrainingInput(Body):
     learning_rate: float | None = Field(None, gt=0, le=1)
     resolution: int | None = Field(None, ge=64, le=4096)
     config: str | None = Field(None, max_length=100_000, description="An ai-toolkit YAML (its paths are the server's).")
+    sample_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None, max_length=8, description="Prompts sampled at every quarter of the run ([trigger] is the trigger word); "
+                                        "default: the trigger word alone.")
 
 
 class TrainingCreate(JobCreate):

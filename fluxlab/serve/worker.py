@@ -298,8 +298,8 @@ class Worker:
         else:
             shutil.copytree(source, out / "set", dirs_exist_ok=True)
             result = caption(out / "set", plan["captioner"], events=events, cancel=self.token, **plan["options"])
-        rows = sorted(({"image": r.image, "caption": r.caption, "status": r.status} for r in result.rows),
-                      key=lambda r: r["image"])
+        rows = sorted(({"image": r.image, "caption": r.caption, "status": r.status, **image_size(out / "set" / r.image)}
+                       for r in result.rows), key=lambda r: r["image"])
         listing = out / "captions.json"
         listing.write_text(json.dumps(rows, indent=1) + "\n")
         archive = shutil.make_archive(str(out / "captioned"), "zip", out / "set")
@@ -365,3 +365,14 @@ def log_to(settings: dict) -> None:
     name = f"worker-{settings['slot']}.log" if settings.get("slot") not in (None, "w0") else "worker.log"
     logging.basicConfig(filename=str(Path(settings["data"]) / name), level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
+
+
+def image_size(path: Path) -> dict:
+    """An image's width and height (read from its header), for the dataset view's warnings; {} if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return {"width": im.width, "height": im.height}
+    except (OSError, UnidentifiedImageError):
+        return {}

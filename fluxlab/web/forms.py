@@ -196,6 +196,9 @@ def training_input(form: dict, ids: list[dict]) -> dict:
         inp["name"] = form["name"].strip()
     if form.get("config", "").strip():
         inp["config"] = form["config"]
+    prompts = [line.strip() for line in form.get("sample_prompts", "").splitlines() if line.strip()]
+    if prompts:
+        inp["sample_prompts"] = prompts
     return inp
 
 

@@ -21,7 +21,7 @@ TEXTS = ("prompt", "negative", "sampler", "schedule", "cache", "preset", "templa
 CACHES = (("none", "none"), ("fbc", "First Block Cache (faster, pixels move a little)"),
           ("fbc:0.05", "First Block Cache, careful (0.05)"), ("fbc:0.2", "First Block Cache, fast (0.2)"))
 FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "lora_file", "images", "init", "mask", "model", "input_images",
-          "trigger_word", "config")
+          "trigger_word", "config", "sample_prompts")
 
 
 # The CLI's flags as the page labels them: errors come from the one service layer in the CLI's words, and the page
@@ -192,6 +192,38 @@ async def dataset_view(request: Request, job: dict, form: dict, errors: dict, st
                 "text": f"{p.get('done', 0)}/{p.get('total', '?')}"}
     output = job["output"] or {}
     rows = [{**row, "thumb": urlsplit(row.get("url", "")).path + "?thumb=128"} for row in output.get("captions", [])]
+    side = training_side(request, form.get("model") or "demo")
     return render(request, "dataset.html", status=status, page="dataset", title=f"Dataset {job['id']}", job=job,
-                  rows=rows, done=job["status"] in ("succeeded", "failed", "canceled"), progress=progress,
+                  rows=rows, captioned=sum(1 for r in rows if r.get("caption", "").strip()),
+                  warnings=dataset_warnings(rows, side), done=job["status"] in ("succeeded", "failed", "canceled"),
+                  progress=progress,
                   zip=urlsplit(output.get("zip") or "").path, form=form, errors=errors, **(await choices(request)))
+
+
+FEW_IMAGES = 10  # below this a LoRA tends to copy its pictures rather than learn what they share
+
+
+def dataset_warnings(rows: list[dict], side: int) -> list[str]:
+    """What a set is likely to train badly on: too few images, images smaller than the size it trains at, images
+    without a caption."""
+    warnings = []
+    if len(rows) < FEW_IMAGES:
+        warnings.append(f"{len(rows)} image{'s' if len(rows) != 1 else ''}: a LoRA learns a subject or style more "
+                        f"steadily from {FEW_IMAGES}-30 varied ones")
+    small = [r["image"] for r in rows if r.get("width") and min(r["width"], r["height"]) < side]
+    if small:
+        warnings.append(f"{len(small)} smaller than the {side} px the model trains at (upscaled, so blurred): "
+                        f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
+    bare = [r["image"] for r in rows if not r.get("caption", "").strip()]
+    if bare:
+        warnings.append(f"{len(bare)} without a caption (they train on the trigger word alone): "
+                        f"{', '.join(bare[:5])}{' ...' if len(bare) > 5 else ''}")
+    return warnings
+
+
+def training_side(request: Request, model: str) -> int:
+    """The side a model trains at by default (its own largest side; 1024 for a folder model)."""
+    from ..spec.catalog import CATALOG
+
+    settings = request.app.state.server.settings
+    return max(CATALOG[model].default_size) if model in CATALOG and model not in settings.models else 1024

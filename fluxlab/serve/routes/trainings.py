@@ -127,6 +127,8 @@ def training_config(inp: TrainingInput, archive: str, model: str, job_id: str, f
         w, h = spec.default_size if spec else (1024, 1024)
         process["sample"] = {"sample_every": max(1, inp.steps // 4), "prompts": ["[trigger]"], "width": w,
                              "height": h, "sample_steps": spec.steps if spec else 20, "seed": 42}
+    if inp.sample_prompts:
+        process["sample"]["prompts"] = list(inp.sample_prompts)
     if inp.lora_rank:
         process["network"].update(linear=inp.lora_rank, linear_alpha=inp.lora_rank)
     if inp.learning_rate:

@@ -545,7 +545,15 @@ async function setupTraining() {
       }
       drawLoss(canvas, losses);
     },
-    output: (d) => { if (d.kind === "sample") samples.appendChild(el("img", { src: d.url, alt: "sample", "data-testid": "sample" })); },
+    output: (d) => {  // a sample, labelled with its step and its prompt (the prompts go round at each step)
+      if (d.kind !== "sample") return;
+      const prompts = JSON.parse(samples.dataset.prompts || "[]");
+      const figure = el("figure", { "data-testid": "sample-figure" });
+      figure.appendChild(el("img", { src: d.url, alt: `sample at step ${d.step}`, "data-testid": "sample" }));
+      const prompt = prompts.length ? prompts[(d.index || 0) % prompts.length] : "";
+      figure.appendChild(el("figcaption", { "data-testid": "sample-label" }, `step ${d.step}` + (prompt ? ` · ${prompt}` : "")));
+      samples.appendChild(figure);
+    },
     done: () => window.setTimeout(() => window.location.reload(), 300),
   });
 }
