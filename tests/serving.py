@@ -144,7 +144,8 @@ class Server:
     def wait(self, api: httpx.Client, job_id: str, kind: str = "prediction", timeout: float = 300) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            path = {"prediction": "predictions", "training": "trainings", "batch": "batches"}[kind]
+            path = {"prediction": "predictions", "training": "trainings", "batch": "batches",
+                    "download": "downloads"}[kind]
             job = api.get(f"/v1/{path}/{job_id}").json()
             if job["status"] in ("succeeded", "failed", "canceled"):
                 return job

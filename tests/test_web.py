@@ -163,6 +163,17 @@ def test_every_model_with_its_state_presets_from_its_range_and_its_defaults(serv
     model.select_by_value("demo")
     Select(by(d, "aspect")).select_by_visible_text("9:16 (64x112)")
     assert (by(d, "width").get_attribute("value"), by(d, "height").get_attribute("value")) == ("64", "112")
+    # the Models page: every model with its state; an admin downloads one (this server is offline: one line)
+    d.get(server.url + "/models")
+    rows = {r.get_attribute("data-model"): r.text
+            for r in d.find_elements(By.CSS_SELECTOR, '[data-testid="model-row"]')}
+    assert set(CATALOG) | {"tiny-klein"} <= set(rows) and "ready" in rows["demo"] and "gated" in rows["flux1-dev"]
+    assert not d.find_elements(By.CSS_SELECTOR, '[data-testid="download-demo"]')  # nothing to fetch for it
+    by(d, "download-flux2-klein-4b").click()
+    wait(d, lambda d: "/jobs/" in d.current_url)
+    error = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "section .error"))[0].text
+    assert d.find_element(By.ID, "status").text == "failed"
+    assert "hub cannot be reached (offline)" in error and f"hf download {CATALOG['flux2-klein-4b'].repo}" in error
 
 
 def test_reuse_keeps_the_inputs_and_errors_speak_the_page_words(server, logged_in, tmp_path):
@@ -744,7 +755,7 @@ def test_the_look_measured_contrast_labels_focus_and_no_sideways_scroll(server, 
     d = logged_in
     d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
     try:
-        for path in ("/", "/gallery", "/train", "/grid", "/queue"):
+        for path in ("/", "/gallery", "/train", "/grid", "/queue", "/models"):
             d.get(server.url + path)
             seen = d.execute_script(LOOK)
             assert not seen["low"], (path, seen["low"])

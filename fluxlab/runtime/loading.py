@@ -194,6 +194,24 @@ def fetch(source: ModelSource, revision: str | None = None) -> ModelSource:
         if revision is not None:
             raise UserError(f"a revision ({revision}) only applies to hub models; {source.label} is local")
         return source
+    path = download(source, revision)
+    derived = derive_spec(path, name=source.label)
+    spec = source.spec or derived
+    if spec.family != derived.family:
+        raise UserError(f"{source.repo} holds a {derived.family} pipeline, but the catalog says {spec.family}")
+    return replace(source, spec=spec, path=path)
+
+
+# What a diffusers pipeline needs from a hub repo: its index and its components' folders, not the single-file,
+# pickle or GGUF copies some repos also carry.
+HUB_FILES = {"allow_patterns": ["model_index.json", "*/*"],
+             "ignore_patterns": ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx*"]}
+
+
+def download(source: ModelSource, revision: str | None = None, progress=None) -> Path:
+    """A hub model's files into the hub cache (what is there already is kept): its folder, or one line saying why
+    not (offline, gated, missing). `progress(done_bytes, total_bytes)` is called as bytes arrive and may raise to
+    stop (a cancel)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -205,8 +223,8 @@ def fetch(source: ModelSource, revision: str | None = None) -> ModelSource:
     repo = source.repo
     get = f"hf download {repo} --exclude '*.bin' '*.pth' '*.gguf'"
     try:
-        path = Path(snapshot_download(repo, revision=revision, allow_patterns=["model_index.json", "*/*"],
-                                      ignore_patterns=["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx*"]))
+        return Path(snapshot_download(repo, revision=revision, **HUB_FILES,
+                                      **({"tqdm_class": byte_counter(progress)} if progress else {})))
     except GatedRepoError:
         raise UserError(
             f"{repo} is gated (HTTP 403): accept its license at https://huggingface.co/{repo}, create a read token "
@@ -225,11 +243,27 @@ def fetch(source: ModelSource, revision: str | None = None) -> ModelSource:
         ) from None
     except HfHubHTTPError as e:
         raise UserError(f"downloading {repo} failed: {e}") from None
-    derived = derive_spec(path, name=source.label)
-    spec = source.spec or derived
-    if spec.family != derived.family:
-        raise UserError(f"{repo} holds a {derived.family} pipeline, but the catalog says {spec.family}")
-    return replace(source, spec=spec, path=path)
+
+
+def byte_counter(progress):
+    """A tqdm class for snapshot_download that shows nothing and hands its byte counts to `progress`: the hub
+    library reports a snapshot's bytes written through the progress bars it makes with this class."""
+    from tqdm.auto import tqdm
+
+    class Bytes(tqdm):
+        def __init__(self, *args, **kwargs):
+            self.counting = kwargs.get("unit") == "B" and not str(kwargs.get("desc", "")).startswith("Downloading")
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.done = kwargs.get("initial") or 0
+
+        def update(self, n=1):
+            if self.counting:
+                self.done += n or 0
+                progress(self.done, self.total or 0)
+            return super().update(n)
+
+    return Bytes
 
 
 # -- loading ----------------------------------------------------------------------------------------------

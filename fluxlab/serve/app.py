@@ -26,7 +26,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from .docs import mount_docs
     from .http import BodyLimit, Throttle, install_handlers
     from .jobs import job_routes, render
-    from .routes import batches, captions, files, grids, models, predictions, queue, trainings, upsamples
+    from .routes import (
+        batches,
+        captions,
+        downloads,
+        files,
+        grids,
+        models,
+        predictions,
+        queue,
+        trainings,
+        upsamples,
+    )
     from .store import Store
     from .uploads import sweep
 
@@ -57,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
     install_handlers(app, settings)
     for router in (predictions.router, trainings.router, batches.router, grids.router, captions.router,
-                   upsamples.router):
+                   upsamples.router, downloads.router):
         app.include_router(router)
     for kind in KINDS:
         app.include_router(job_routes(kind))

@@ -91,7 +91,7 @@ def admin(who: Who) -> Caller:
 
 Admin = Annotated[Caller, Depends(admin)]
 KINDS = {"prediction": "predictions", "training": "trainings", "batch": "batches", "grid": "grids",
-         "caption": "captions", "upsample": "upsamples"}
+         "caption": "captions", "upsample": "upsamples", "download": "downloads"}
 
 
 def own_job(kind: str):

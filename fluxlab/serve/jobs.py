@@ -39,6 +39,8 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
             for row, url in zip(rows, urls("dataset"), strict=False):
                 row["url"] = url
             output = {"captions": rows, "zip": (urls("zip") or [None])[0]}
+    elif job["kind"] == "download":
+        output = {"model": plan["model"], "repo": plan["repo"]} if job["status"] == "succeeded" else None
     elif job["kind"] == "upsample":
         listed = store.outputs(job["id"], "prompts")
         output = None
@@ -112,7 +114,9 @@ def create(srv: Server, kind: str, body, who, job_id: str, plan_of: Callable, re
             raise ApiError(422, str(e)) from None
     check_limits(srv, who.name)
     plan = plan_of(srv, body, who.name, job_id)
-    given = body.input.model_dump(mode="json", exclude_unset=True)
+    # what the job was given, as its `input` shows it (a download has no input of its own: its model is it)
+    given = body.input.model_dump(mode="json", exclude_unset=True) if "input" in type(body).model_fields \
+        else {"model": body.model}
     for key in ("prompt", "prompts", "seeds", "x", "y"):  # a grid's or batch's own fields, kept with its input
         if key in type(body).model_fields and getattr(body, key) is not None:
             given[key] = getattr(body, key)
@@ -214,6 +218,7 @@ STREAM_DOCS = {
     "grid": "Server-Sent Events: progress {done, total}, output (each cell, then the sheet and the CSV), done.",
     "caption": "Server-Sent Events: progress {done, total, image, caption, eta_s}, output (captions, zip), done.",
     "upsample": "Server-Sent Events: status, output (the rewritten prompts), done.",
+    "download": "Server-Sent Events: status, progress {done_bytes, total_bytes, eta_s}, done.",
 }
 CANCEL_DOCS = {"training": "Stop a training after its current step, saving a checkpoint first (resume continues "
                            "from it)."}

@@ -131,7 +131,8 @@ class Worker:
         t0 = time.perf_counter()
         try:
             run = {"training": self.train, "batch": self.batch, "grid": self.grid,
-                   "caption": self.caption, "upsample": self.upsample}.get(job["kind"], self.predict)
+                   "caption": self.caption, "upsample": self.upsample,
+                   "download": self.download}.get(job["kind"], self.predict)
             metrics = run(job)
             metrics["total_time"] = round(time.perf_counter() - t0, 4)
             self.send(job_id, "done", status="succeeded", error=None, metrics=metrics)
@@ -308,6 +309,30 @@ class Worker:
         self.send(job_id, "output", kind="captions", idx=0, path=str(listing), seed=None)
         self.send(job_id, "output", kind="zip", idx=0, path=archive, seed=None)
         return {"predict_time": round(time.perf_counter() - started, 4), "images": result.total}
+
+    def download(self, job: dict) -> dict:
+        """A catalog model's weights into this node's hub cache, with progress in bytes; a cancel stops it at the
+        next chunk (the hub library resumes a partial file on the next try)."""
+        from ..runtime.loading import download, locate
+        from ..service.events import Cancelled
+
+        plan, job_id, started = job["plan"], job["id"], time.perf_counter()
+        state = {"sent": 0.0, "done": 0}
+        self.send(job_id, "processing", load_time=0.0)
+
+        def progress(done: int, total: int) -> None:
+            if self.token.cancelled:
+                raise Cancelled("canceled")
+            state["done"] = done
+            now = time.perf_counter()
+            if now - state["sent"] >= PROGRESS_EVERY_S or (total and done >= total):
+                state["sent"] = now
+                rate = done / max(now - started, 1e-6)
+                self.send(job_id, "progress", done_bytes=done, total_bytes=total,
+                          eta_s=round((total - done) / rate, 1) if total and rate > 0 else None)
+
+        download(locate(plan["model"]), progress=progress)
+        return {"predict_time": round(time.perf_counter() - started, 4), "bytes": state["done"]}
 
     def train(self, job: dict) -> dict:
         from ..service import events as ev

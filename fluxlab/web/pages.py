@@ -90,7 +90,8 @@ async def generate_page(request: Request):
 
 
 async def find_job(request: Request, job_id: str):
-    for kind, path in (("prediction", "predictions"), ("grid", "grids"), ("batch", "batches")):
+    for kind, path in (("prediction", "predictions"), ("grid", "grids"), ("batch", "batches"),
+                       ("download", "downloads")):
         r = await call(request, "GET", f"/v1/{path}/{job_id}")
         if r.status_code == 200:
             return kind, path, r.json()
@@ -106,6 +107,9 @@ async def job_page(request: Request, job_id: str):
     p = job.get("progress") or {}
     if "step" in p:
         progress = {"value": p["step"], "max": p["total"], "text": f"step {p['step']}/{p['total']}"}
+    elif "done_bytes" in p:
+        progress = {"value": p["done_bytes"], "max": max(p["total_bytes"], 1),
+                    "text": f"{p['done_bytes'] / 1e9:.2f} of {p['total_bytes'] / 1e9:.2f} GB"}
     elif "done" in p:
         progress = {"value": p["done"], "max": p["total"], "text": f"{p['done']}/{p['total']}"}
     else:
@@ -156,6 +160,30 @@ async def queue_action(request: Request, action: str):
     if action in ("pause", "resume"):
         await call(request, "POST", f"/v1/queue/{action}")
     return RedirectResponse("/queue", status_code=303)
+
+
+@router.get("/models")
+@guarded
+async def models_page(request: Request):
+    """Every model this server offers, with its state and how to get it; an admin starts a download here."""
+    c = await choices(request)
+    r = await call(request, "GET", "/v1/downloads", params={"limit": 20})
+    downloads = r.json().get("results", []) if r.status_code == 200 else []
+    running = {d["input"].get("model"): d for d in downloads if d["status"] in ("starting", "processing")}
+    return render(request, "models.html", page="models", title="Models", models=c["models"], running=running,
+                  downloads=downloads[:10], error=None)
+
+
+@router.post("/models/download")
+@guarded
+async def models_download(request: Request):
+    model = (await request.form()).get("model", "")
+    r = await call(request, "POST", "/v1/downloads", json={"model": model if isinstance(model, str) else ""})
+    if r.status_code == 201:
+        return RedirectResponse(f"/jobs/{r.json()['id']}", status_code=303)
+    c = await choices(request)
+    return render(request, "models.html", status=r.status_code, page="models", title="Models", models=c["models"],
+                  running={}, downloads=[], error=r.json().get("detail", str(r.status_code)))
 
 
 @router.get("/gallery")

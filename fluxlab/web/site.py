@@ -146,8 +146,8 @@ def model_state(m: dict, named: bool) -> tuple[str, str]:
     if m.get("cached_gb"):
         return "ready", f"ready: downloaded ({m['cached_gb']:.1f} GB)" + (", loaded" if m.get("loaded") else "")
     repo = m.get("repo", "")
-    get = (f"the server downloads it on first use when it can reach the hub; otherwise `hf download {repo}` "
-           f"where you can and copy the hub cache to the server")
+    get = (f"an admin can download it on the Models page, or the server does on first use when it can reach the "
+           f"hub; offline: `hf download {repo}` where you can and copy the hub cache to the server")
     if m.get("gated"):
         return "gated", (f"gated, not downloaded ({m.get('size_gb', 0):.1f} GB): accept the licence on "
                          f"https://huggingface.co/{repo} and `hf auth login` on the server; {get}")

@@ -15,14 +15,14 @@ health = APIRouter(tags=["health"])
 
 
 @queue.get("", responses={200: {"content": {"text/event-stream": {}}}})
-async def get_queue(who: Who, srv: Srv, request: Request, accept: Annotated[str | None, Header()] = None):
+async def get_queue(who: Who, srv: Srv, request: Request):
     """The running jobs (one per busy worker: `workers`) and the pending ones in order; other owners' jobs without
     their details (an admin sees them all). `running` is the first running job, as with one worker. Asked with
     `Accept: text/event-stream` (an EventSource), it is a stream instead: a `queue` event with this object each
     time the queue changes (a job queued, started, ended; a worker added, loading, paused)."""
     from starlette.concurrency import run_in_threadpool
 
-    if accept and "text/event-stream" in accept:
+    if "text/event-stream" in request.headers.get("accept", ""):
         from fastapi.responses import StreamingResponse
 
         return StreamingResponse(queue_events(who, srv, request), media_type="text/event-stream",

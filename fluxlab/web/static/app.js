@@ -471,6 +471,10 @@ function setupJob() {
     status: (d) => { status.textContent = d.status; },
     progress: (d) => {
       if (d.step !== undefined) { bar.max = d.total; bar.value = d.step; text.textContent = `step ${d.step}/${d.total}` + formatEta(d.eta_s); }
+      else if (d.done_bytes !== undefined) {
+        bar.max = Math.max(d.total_bytes, 1); bar.value = d.done_bytes;
+        text.textContent = `${(d.done_bytes / 1e9).toFixed(2)} of ${(d.total_bytes / 1e9).toFixed(2)} GB` + formatEta(d.eta_s);
+      }
       else { bar.max = d.total; bar.value = d.done; text.textContent = `${d.done}/${d.total}`; }
     },
     preview: (d) => { preview.src = `${d.url}&t=${Date.now()}`; preview.hidden = false; },
