@@ -101,11 +101,6 @@ def test_generate_watch_it_find_it_and_reuse_it(server, logged_in):
     assert preview and "/preview" in preview
     wait(d, lambda d: d.find_element(By.ID, "progress-text").text.startswith("succeeded"))
     assert not by(d, "preview").is_displayed()  # the image took the preview's place
-    if os.environ.get("FLUXLAB_UPDATE_SCREENSHOT"):  # the README's picture, taken by this browser
-        d.set_window_size(1100, 1120)
-        d.execute_script("window.scrollTo(0, 0)")
-        d.save_screenshot(str(ROOT / "docs" / "generate-page.png"))
-        d.set_window_size(1100, 1300)
     d.get(server.url + "/gallery")
     first = d.find_elements(By.CSS_SELECTOR, '[data-testid="gallery-item"] a')[0]
     first.click()
@@ -776,3 +771,72 @@ def test_the_look_measured_contrast_labels_focus_and_no_sideways_scroll(server, 
     finally:
         d.set_window_size(1100, 1300)
         d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
+def test_screenshots_of_every_page_at_desktop_and_phone_width(server, logged_in, tmp_path):
+    """The generate page (with a finished result), gallery, image, train and training pages at 1280 and 390 px,
+    each checked to fit its width; written to docs/screenshots (the README's pictures) when
+    FLUXLAB_UPDATE_SCREENSHOTS=1, else to a temporary folder."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from serving import demo_zip
+
+    d = logged_in
+    folder = ROOT / "docs" / "screenshots" if os.environ.get("FLUXLAB_UPDATE_SCREENSHOTS") else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    alice = server.add_token("alice")  # the pictures show a person's name, not the suite's token name
+    d.get(server.url + "/login")
+    by(d, "token-input").send_keys(alice)
+    by(d, "login-submit").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="prompt"]'))
+    with server.client(alice) as api:
+        up = api.post("/v1/files", files={"file": ("rings.zip", demo_zip(tmp_path / "rings.zip").read_bytes())})
+        training = api.post("/v1/trainings", json={"model": "demo", "input": {
+            "input_images": up.json()["id"], "trigger_word": "zxq", "steps": 8, "name": "rings"}}).json()
+        assert server.wait(api, training["id"], kind="training")["status"] == "succeeded"
+    d.set_window_size(1280, 900)
+    d.get(server.url + "/")
+    fill(d, prompt="a red circle in the top left on a white background", seed=7, steps=8, num_images=4)
+    by(d, "submit").click()
+    wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded in"))
+    results = d.find_elements(By.CSS_SELECTOR, '#results [data-testid="result"] img')
+    out_id = results[0].find_element(By.XPATH, "..").get_attribute("href").rsplit("/", 1)[1]
+    pages = {"generate": None, "gallery": "/gallery", "image": f"/image/{out_id}", "train": "/train",
+             "training": f"/trainings/{training['id']}"}
+    written = []
+    # the mask editor over a result sent to inpainting, with a stroke painted
+    d.get(server.url + f"/?from={out_id}&send=inpaint")
+    canvas = wait(d, lambda d: by(d, "mask-canvas") if by(d, "mask-editor").is_displayed() else None)
+    wait(d, lambda d: canvas.get_attribute("width") == "64")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    ActionChains(d).move_to_element_with_offset(canvas, -100, -60).click_and_hold().move_by_offset(180, 90) \
+        .release().perform()
+    assert d.save_screenshot(str(folder / "inpaint-desktop.png"))
+    written.append(folder / "inpaint-desktop.png")
+    d.get(server.url + "/")
+    fill(d, prompt="a red circle in the top left on a white background", seed=7, steps=8, num_images=4)
+    by(d, "submit").click()
+    wait(d, lambda d: by(d, "progress-text").text.startswith("succeeded in"))
+    try:
+        for width, height, label in ((1280, 900, "desktop"), (390, 844, "phone")):
+            d.set_window_size(width, height)
+            for name, path in pages.items():
+                if path is not None:
+                    d.get(server.url + path)
+                    wait(d, lambda d: d.execute_script("return document.readyState") == "complete")
+                    wait(d, lambda d: d.execute_script(  # the images in view have loaded
+                        "return Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight"
+                        " && i.getClientRects().length).every(i => i.complete)"))
+                d.execute_script("window.scrollTo(0, 0)")
+                assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), \
+                    (name, label)
+                file = folder / f"{name}-{label}.png"
+                assert d.save_screenshot(str(file))
+                written.append(file)
+            d.get(server.url + "/")  # the generate page again, for the phone's turn (its result is gone)
+            pages["generate"] = "/"
+    finally:
+        d.set_window_size(1100, 1300)
+    for file in written:
+        with Image.open(file) as im:
+            pixels = np.asarray(im.convert("L"))
+        assert im.width >= 390 and pixels.std() > 10, file  # a page, not a blank frame

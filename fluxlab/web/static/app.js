@@ -171,30 +171,31 @@ function setupPicks(form, onChange) {
   }
 }
 
-// The mask editor: the init image with a painted layer over it (white = repaint). The layer is its own canvas at
-// the init's size, black where nothing is painted; on Generate it is uploaded as the mask PNG.
+// The mask editor: the init image with the painting over it. Two canvases at the init's size take every stroke:
+// `layer` is the mask itself (opaque: black, white where painted: what is uploaded, exact under Invert), `tint` the
+// same strokes in a colour on transparent, shown over the image (white strokes would vanish on a white picture).
 function setupMask(form) {
   const editor = document.getElementById("mask-editor");
   const row = document.getElementById("mask-row");
   const view = document.getElementById("mask-view");
   const size = document.getElementById("mask-size");
   const layer = document.createElement("canvas");
+  const tint = document.createElement("canvas");
+  const TINT = "rgba(230, 0, 120, 1)";
   const state = { image: null, painted: false, erase: false, source: "" };
   const paint = () => {
     const ctx = view.getContext("2d");
     ctx.globalAlpha = 1;
-    ctx.globalCompositeOperation = "source-over";
     ctx.drawImage(state.image, 0, 0, view.width, view.height);
     ctx.globalAlpha = 0.55;
-    ctx.globalCompositeOperation = "screen";
-    ctx.drawImage(layer, 0, 0);
+    ctx.drawImage(tint, 0, 0);
     ctx.globalAlpha = 1;
-    ctx.globalCompositeOperation = "source-over";
   };
   const blank = () => {
     const ctx = layer.getContext("2d");
     ctx.fillStyle = "#000";
     ctx.fillRect(0, 0, layer.width, layer.height);
+    tint.getContext("2d").clearRect(0, 0, tint.width, tint.height);
     state.painted = false;
   };
   const initSource = () => {  // the chosen init file, else the kept init upload
@@ -212,8 +213,8 @@ function setupMask(form) {
     const img = new Image();
     img.onload = () => {
       state.image = img;
-      view.width = layer.width = img.naturalWidth;
-      view.height = layer.height = img.naturalHeight;
+      view.width = layer.width = tint.width = img.naturalWidth;
+      view.height = layer.height = tint.height = img.naturalHeight;
       size.max = String(Math.max(8, Math.round(Math.max(img.naturalWidth, img.naturalHeight) / 2)));
       size.value = String(Math.max(1, Math.round(Math.max(img.naturalWidth, img.naturalHeight) / 12)));
       blank();
@@ -234,11 +235,14 @@ function setupMask(form) {
   document.getElementById("mask-invert").addEventListener("click", () => {
     const ctx = layer.getContext("2d");
     const px = ctx.getImageData(0, 0, layer.width, layer.height);
+    const shown = tint.getContext("2d").createImageData(tint.width, tint.height);
     for (let i = 0; i < px.data.length; i += 4) {
       const v = 255 - px.data[i];
       px.data[i] = px.data[i + 1] = px.data[i + 2] = v;
+      shown.data[i] = 230; shown.data[i + 1] = 0; shown.data[i + 2] = 120; shown.data[i + 3] = v;
     }
     ctx.putImageData(px, 0, 0);
+    tint.getContext("2d").putImageData(shown, 0, 0);
     state.painted = true;
     paint();
   });
@@ -248,12 +252,17 @@ function setupMask(form) {
     return [(ev.clientX - r.left) * view.width / r.width, (ev.clientY - r.top) * view.height / r.height];
   };
   const stroke = (to) => {
-    const ctx = layer.getContext("2d");
     const from = last || to;
-    ctx.strokeStyle = state.erase ? "#000" : "#fff";
-    ctx.lineWidth = Number(size.value);
-    ctx.lineCap = ctx.lineJoin = "round";
-    ctx.beginPath(); ctx.moveTo(from[0], from[1]); ctx.lineTo(to[0], to[1]); ctx.stroke();
+    for (const [canvas, colour, op] of [[layer, state.erase ? "#000" : "#fff", "source-over"],
+                                        [tint, TINT, state.erase ? "destination-out" : "source-over"]]) {
+      const ctx = canvas.getContext("2d");
+      ctx.globalCompositeOperation = op;
+      ctx.strokeStyle = colour;
+      ctx.lineWidth = Number(size.value);
+      ctx.lineCap = ctx.lineJoin = "round";
+      ctx.beginPath(); ctx.moveTo(from[0], from[1]); ctx.lineTo(to[0], to[1]); ctx.stroke();
+      ctx.globalCompositeOperation = "source-over";
+    }
     last = to;
     state.painted = true;
     paint();
