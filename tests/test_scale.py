@@ -105,6 +105,24 @@ def test_a_late_event_of_a_lost_lease_changes_nothing_and_a_second_loss_fails(tm
     assert final["attempts"] == 2 and started == ["w0", "w0"]
 
 
+def test_a_model_shows_as_loading_while_its_worker_reads_it(tmp_path):
+    from fluxlab.serve.broker import Broker, Slot
+    from fluxlab.serve.settings import Settings
+    from fluxlab.serve.store import Store
+
+    store = Store(tmp_path)
+    store.add_job("j1", "prediction", "alice", "demo", {}, {"model": {"name": "demo"}}, None, None)
+    broker = Broker(store, Settings(data=tmp_path), render=lambda job: {"id": job["id"]})
+    slot = broker.slots["w0"] = Slot("w0", {}, gen=1)
+    lease = store.take("j1", "w0")
+    slot.running, slot.lease = "j1", lease
+    assert broker.loading == set()
+    broker._handle("w0", 1, {"id": "j1", "type": "loading", "lease": lease, "model": "demo"})
+    assert broker.loading == {"demo"}
+    broker._handle("w0", 1, {"id": "j1", "type": "processing", "lease": lease, "load_time": 0.1})
+    assert broker.loading == set()
+
+
 def test_files_travel_with_a_job_and_back_with_its_events(tmp_path):
     from fluxlab.serve.ship import pack, receive, send_back, unpack
 

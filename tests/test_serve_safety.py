@@ -495,6 +495,17 @@ def test_health_tells_strangers_only_that_it_is_up(server, tenants):
     assert tenants["admin"].get("/v1/health").json()["worker"]["pid"]
 
 
+def test_waiting_as_told_lets_the_next_attempt_through():
+    """Retry-After is honest: a client that waits that long is let through (to be told 401), not refused again."""
+    from fluxlab.serve.http import Throttle
+
+    t = Throttle(burst=3, every_s=0.05)
+    waits = [t.failed("x") for _ in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and waits[3] > 0
+    time.sleep(waits[3] + 0.005)
+    assert t.failed("x") == 0.0
+
+
 def test_wrong_tokens_are_throttled_but_right_ones_pass(server):
     codes = []
     with httpx.Client(base_url=server.url) as c:

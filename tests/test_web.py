@@ -641,6 +641,18 @@ def test_the_page_works_without_javascript(server, logged_in):
         assert "Canceled" in after.text and '<strong id="status">canceled</strong>' in after.text
         bad = c.post("/generate", data={"prompt": PROMPT, "width": "100", "model": "demo"})
         assert bad.status_code == 422 and 'data-field="width"' in bad.text and "multiple of 16" in bad.text
+        # "random" without JavaScript: the seed field says an empty seed is random, and two such images differ
+        page = c.get("/")
+        assert 'placeholder="random when empty"' in page.text
+        assert 'id="dice" title="a random seed" hidden' in page.text
+        seeds = []
+        for _ in range(2):
+            r = c.post("/generate", data={"prompt": PROMPT, "steps": "1", "model": "demo"})
+            with server.client() as api:
+                job = server.wait(api, r.headers["location"].rsplit("/", 1)[1])
+                out_id = job["output"][0].split("?")[0].rsplit("/", 1)[1]
+                seeds.append(api.get(f"/v1/outputs/{out_id}/record").json()["request"]["seed"])
+        assert seeds[0] != seeds[1]
         # The size preset works without JavaScript: the posted preset is the image's size.
         r = c.post("/generate", data={"prompt": PROMPT, "seed": "32", "steps": "2", "model": "demo",
                                       "aspect_preset": "64x112"})

@@ -58,6 +58,7 @@ class Slot:
     lease: str | None = None
     model: str | None = None  # the model of the job it runs (loaded by now, or soon)
     loaded: frozenset = frozenset()
+    loading: str | None = None  # the model it is loading now, as the worker names it
     restarts: int = 0
     seen: float = 0.0  # when the worker last said anything
     idle_since: float = 0.0
@@ -134,6 +135,7 @@ class Broker:
 
         slot.gen += 1
         slot.ready, slot.running, slot.lease, slot.model, slot.loaded = False, None, None, None, frozenset()
+        slot.loading = None
         slot.handle = HANDLES[self.config.engine](slot.name, slot.settings, self.inbox, slot.gen)
         slot.handle.start()
 
@@ -144,6 +146,11 @@ class Broker:
     @property
     def loaded(self) -> set[str]:
         return {m for s in list(self.slots.values()) for m in s.loaded}
+
+    @property
+    def loading(self) -> set[str]:
+        """The models workers are loading now."""
+        return {s.loading for s in list(self.slots.values()) if s.loading}
 
     @property
     def running(self) -> list[str]:
@@ -284,7 +291,10 @@ class Broker:
             from .ship import receive
 
             receive(e, self.data)
+        if kind != "loading":
+            slot.loading = None
         if kind == "loading":
+            slot.loading = e["model"]
             self._emit(job_id, "status", {"status": "starting", "loading": e["model"]})
         elif kind == "processing":
             metrics = {**job["metrics"], "load_time": e.get("load_time", 0.0)}

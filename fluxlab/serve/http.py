@@ -112,7 +112,9 @@ class Throttle:
             if len(self.buckets) > 10_000:  # forget the quietest
                 for k in [k for k, (lv, _) in self.buckets.items() if lv < 1][:5000]:
                     self.buckets.pop(k, None)
-        return 0.0 if level <= self.burst else (level - self.burst) * self.every_s
+        # past the burst: the wait after which the next attempt is let through (the level drops one per every_s
+        # and that attempt adds one)
+        return 0.0 if level <= self.burst else (level + 1 - self.burst) * self.every_s
 
 
 class BodyLimit:

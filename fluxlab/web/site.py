@@ -141,6 +141,8 @@ def lora_label(lo: dict) -> str:
 
 def model_state(m: dict, named: bool) -> tuple[str, str]:
     """A model's state on this server, and what to do about it, in one line."""
+    if m.get("loading"):
+        return "ready", "loading now (a worker is reading its weights)"
     if m.get("bundled") or named:
         return "ready", "ready" + (" (loaded)" if m.get("loaded") else "")
     if m.get("cached_gb"):

@@ -65,10 +65,11 @@ def models(who: Owner, srv: Srv, request: Request) -> dict:
     models, every model this token can run (`results`)."""
     from ...service.info import models as catalog
 
-    loaded = srv.broker.loaded
-    rows = [{**r, "loaded": r["name"] in loaded} for r in catalog()]
+    loaded, loading = srv.broker.loaded, srv.broker.loading
+    rows = [{**r, "loaded": r["name"] in loaded, "loading": r["name"] in loading} for r in catalog()]
     rows += [{"name": n, "ref": f"fluxlab/{n}", "bundled": False, "loaded": str(Path(p).resolve()) in loaded,
-              **defaults_of(p)} for n, p in srv.settings.models.items()]
+              "loading": bool({n, str(p), str(Path(p).resolve())} & loading), **defaults_of(p)}
+             for n, p in srv.settings.models.items()]
     loras = [{"name": r["name"], "training": r["job_id"], "trigger_word": r["trigger"], "sha256": r["sha256"],
               "created_at": iso(r["created_at"])} for r in srv.store.loras(who)]
     # LoRA files uploaded through /v1/files: usable by their id, listed by their file name

@@ -306,7 +306,9 @@ function setupGenerate() {
   };
   model.addEventListener("change", toggleNegative);
   toggleNegative();
-  document.getElementById("dice").addEventListener("click", () => {
+  const dice = document.getElementById("dice");
+  dice.hidden = false;  // without JavaScript an empty seed is the random one
+  dice.addEventListener("click", () => {
     form.querySelector('[name="seed"]').value = String(Math.floor(Math.random() * 4294967296));
   });
   aspect.addEventListener("change", (ev) => {
