@@ -1,7 +1,7 @@
-"""Step caching (`--cache fbc:T`) on the demo model at 20 steps, side by side in one process against no cache:
-denoising time (summed over every image), how far the pixels move (max and mean |difference| over the same
-seeds), and the demo's prompt adherence on its held-out prompts (colour, shape and position read back from the
-images, as `python -m fluxlab.demo.evaluate` reads them).
+"""Step caching (`--cache fbc:T`, `--cache taylorseer:N`) on the demo model at 20 steps, side by side in one
+process against no cache: denoising time (summed over every image), how far the pixels move (max and mean
+|difference| over the same seeds), and the demo's prompt adherence on its held-out prompts (colour, shape and
+position read back from the images, as `python -m fluxlab.demo.evaluate` reads them).
 
     .venv/bin/python bench/step_cache.py [--seeds 2] [--steps 20]
 """
@@ -12,7 +12,8 @@ import argparse
 
 import numpy as np
 
-THRESHOLDS = ("none", "fbc:0.05", "fbc:0.1", "fbc:0.15", "fbc:0.2", "fbc:0.3")
+THRESHOLDS = ("none", "fbc:0.05", "fbc:0.1", "fbc:0.15", "fbc:0.2", "fbc:0.3", "taylorseer:2", "taylorseer:3",
+              "taylorseer:4")
 
 
 def run(pipe, scenes, seeds: int, steps: int, cache: str):

@@ -169,6 +169,7 @@ GENERATE = [
     ("schedule-shift-inf", lambda d, k: gen(k, "--schedule", "shift:inf"), "schedule 'shift:inf'"),
     ("cache-unknown", lambda d, k: gen(k, "--cache", "teacache"), "unknown cache 'teacache'"),
     ("cache-threshold", lambda d, k: gen(k, "--cache", "fbc:2"), "cache 'fbc:2': the threshold"),
+    ("cache-interval", lambda d, k: gen(k, "--cache", "taylorseer:1"), "cache 'taylorseer:1': the interval"),
     ("preset", lambda d, k: gen(k, "--preset", "fast"), "unknown preset 'fast'"),
     ("template", lambda d, k: gen(k, "--template", "anime"), "unknown template 'anime'"),
     ("dtype", lambda d, k: gen(k, "--dtype", "fp8"), "unknown dtype 'fp8'"),

@@ -16,8 +16,8 @@ def _reference(kind, path, steps, guidance, negative=None, cache=None, seeds=SEE
 
     ref = DiffusionPipeline.from_pretrained(path)
     ref.set_progress_bar_config(disable=True)
-    if cache is not None:
-        ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache))
+    if cache is not None:  # a First Block Cache threshold, or any diffusers cache config
+        ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache) if isinstance(cache, float) else cache)
     kw = dict(prompt=PROMPT, height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
               num_images_per_prompt=len(seeds))
     if kind.startswith("flux2"):
@@ -96,6 +96,33 @@ def test_first_block_cache_is_diffusers_and_leaves_the_model_as_it_was(tiny_dirs
     plain_ref, _ = _reference(kind, tiny_dirs[kind], steps, guidance, seeds=SEEDS[1:])
     assert (torch.cat([r.latents for r in plain]) - plain_ref).abs().max().item() <= 1e-5
     assert cached[0].metadata["request"]["cache"] == f"fbc:{threshold:g}"  # recorded: --from makes it again
+
+
+@pytest.mark.parametrize("kind,guidance,negative", [("flux2-klein-base", 4.0, "blurry"), ("flux2-klein", 1.0, None),
+                                                     ("flux1-dev", 3.5, None)])
+def test_taylorseer_is_diffusers_on_both_families(tiny_dirs, tiny_pipes, kind, guidance, negative):
+    """--cache taylorseer:N is diffusers' TaylorSeer hook (lite: whole steps predicted) on our loop: the same
+    latents as diffusers' pipeline with the same config, over 10 steps (3 full, then one full in N); recorded, and
+    the pooled model runs uncached afterwards exactly as before."""
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    pipe, steps = tiny_pipes[kind], 10
+    fields = dict(prompt=PROMPT, width=W, height=H, steps=steps, seed=SEEDS[1])
+    if pipe.spec.guidance_mode != "none":
+        fields["guidance"] = guidance
+    if negative is not None:
+        fields["negative"] = negative
+    plain = pipe.generate(**fields)
+    cached = pipe.generate(**fields, cache="taylorseer:3")
+    config = TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=3, max_order=1,
+                                   taylor_factors_dtype=torch.float32, use_lite_mode=True)
+    ref_latents, _ = _reference(kind, tiny_dirs[kind], steps, guidance, negative, cache=config, seeds=SEEDS[1:])
+    got = torch.cat([r.latents for r in cached])
+    assert (got - ref_latents).abs().max().item() <= 1e-5
+    assert (got - torch.cat([r.latents for r in plain])).abs().max().item() > 1e-3  # steps were predicted
+    again = pipe.generate(**fields)
+    assert torch.equal(torch.cat([r.latents for r in again]), torch.cat([r.latents for r in plain]))
+    assert cached[0].metadata["request"]["cache"] == "taylorseer:3"
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.9])

@@ -42,6 +42,15 @@ def test_notices_for_ignored_settings():
     assert job.guidance == 1.0 and job.negative is None and job.steps == 8
 
 
+def test_step_cache_notices_and_default():
+    four = resolve(make_request(prompt="x", seed=0, cache="taylorseer"), CATALOG["flux2-klein-4b"])
+    assert four.cache == "taylorseer:3" and "predicts no step of 4" in " | ".join(four.notices)
+    many = resolve(make_request(prompt="x", seed=0, cache="taylorseer:4"), CATALOG["flux1-dev"])
+    assert many.cache == "taylorseer:4" and not any("TaylorSeer" in n for n in many.notices)
+    fbc = resolve(make_request(prompt="x", seed=0, cache="fbc"), CATALOG["flux2-klein-4b"])
+    assert fbc.cache == "fbc:0.1" and "rarely skips" in " | ".join(fbc.notices)
+
+
 def test_klein_size_limits():
     with pytest.raises(UserError, match=r"range 64\.\.1792"):
         resolve(make_request(prompt="x", width=2048, height=1024), CATALOG["flux2-klein-4b"])

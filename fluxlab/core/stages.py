@@ -150,19 +150,32 @@ def denoise(model, job: Job, x, img_ids, cond: Conditioning, uncond: Conditionin
 
 
 class step_cache:
-    """Step caching on the transformer for one denoising run (`cache` "fbc:T": First Block Cache), and the context
-    each transformer call runs in: "cond" and "uncond" calls keep their own cached residuals, as diffusers'
-    pipelines name them. diffusers' hook on FLUX.1; on FLUX.2, which that hook cannot run, core.stepcache. Off
-    (None): contexts that do nothing, so every pixel is as before. `close()` leaves the pooled model as it was."""
+    """Step caching on the transformer for one denoising run (`cache` "fbc:T": First Block Cache, "taylorseer:N":
+    TaylorSeer), and the context each transformer call runs in: "cond" and "uncond" calls keep their own state, as
+    diffusers' pipelines name them. First Block Cache: diffusers' hook on FLUX.1; on FLUX.2, which that hook cannot
+    run, core.stepcache. TaylorSeer: diffusers' hook on both. Off (None): contexts that do nothing, so every pixel
+    is as before. `close()` leaves the pooled model as it was."""
 
     def __init__(self, model, cache: str | None):
         self.transformer, self.own = model.components.transformer, None
         self.on = bool(cache)
         if not cache:
             return
-        from ..spec.values import parse_cache
+        from ..spec.values import TAYLOR_WARMUP, parse_cache
 
-        _, threshold = parse_cache(cache)
+        kind, value = parse_cache(cache)
+        if kind == "taylorseer":
+            # diffusers' TaylorSeer hook, which runs on both families: after the first 3 steps, a full step every
+            # `value`-th; the steps between predict the transformer's output from a first-order Taylor expansion
+            # of the last full ones. Lite mode skips whole steps (all blocks); the default mode predicts only the
+            # attention outputs and measured 1.04x on the demo against lite's 1.82x (bench/RESULTS.md).
+            from diffusers.hooks import TaylorSeerCacheConfig
+
+            self.transformer.enable_cache(TaylorSeerCacheConfig(
+                cache_interval=int(value), disable_cache_before_step=TAYLOR_WARMUP, max_order=1,
+                taylor_factors_dtype=self.transformer.dtype, use_lite_mode=True))
+            return
+        threshold = value
         if model.family.family == "flux2":
             from .stepcache import FirstBlockCache
 

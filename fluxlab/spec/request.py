@@ -83,7 +83,9 @@ class GenerateRequest(Strict):
     eta: float | None = Field(None, **_cli("--eta", help="Re-noising for stochastic samplers, 0..1 (default 1)."))
     cache: str | None = Field(None, **_cli("--cache", help=(
         "Step caching: fbc[:THRESHOLD] (First Block Cache: a step whose first block changes its output by less than "
-        "THRESHOLD, default 0.1, reuses the other blocks' last change; faster, pixels move) | none (default).")))
+        "THRESHOLD, default 0.1, reuses the other blocks' last change) | taylorseer[:N] (TaylorSeer: after 3 full "
+        "steps, one in N, default 3, runs and the others are predicted from them) | none (default). Faster; the "
+        "pixels move.")))
     upsample_prompt: bool | None = Field(None, **_cli("--upsample-prompt", help=(
         "Rewrite each prompt into a detailed one with the model's own text encoder first (FLUX.2; BFL's system "
         "messages); the image records both.")))

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import UserError
 from .families import RULES, SIZE_MULTIPLE
 from .request import FileRef, GenerateRequest
-from .values import ASPECTS, MAX_IMAGES, MAX_SEED, MAX_STEPS, parse_cache, parse_schedule
+from .values import ASPECTS, MAX_IMAGES, MAX_SEED, MAX_STEPS, TAYLOR_WARMUP, parse_cache, parse_schedule
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,10 @@ def resolve(req: GenerateRequest, spec) -> Job:
         notices.append(f"sampler {sampler} is deterministic; --eta {req.eta:g} is ignored")
 
     cache = parse_cache(req.cache)
-    if cache is not None and spec.distilled and steps <= 8:
+    if cache is not None and cache[0] == "taylorseer" and steps <= TAYLOR_WARMUP + 1:
+        notices.append(f"--cache {req.cache} predicts no step of {steps}: TaylorSeer runs the first "
+                       f"{TAYLOR_WARMUP} in full and then one in {cache[1]:g}")
+    elif cache is not None and spec.distilled and steps <= 8:
         notices.append(f"{spec.name} runs {steps} steps: First Block Cache rarely skips one so few (each step changes "
                        f"the image a lot); --cache {req.cache} is kept")
 

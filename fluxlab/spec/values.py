@@ -47,8 +47,12 @@ MAX_IMAGES = 1000
 CACHE_THRESHOLD = 0.1  # First Block Cache: 1.58x on the demo at 20 steps, adherence -1.2 points (bench/RESULTS.md)
 
 
+TAYLOR_INTERVAL = 3  # TaylorSeer: a full step in 3 after the first ones: 1.82x on the demo, adherence kept (RESULTS)
+TAYLOR_WARMUP = 3  # the steps TaylorSeer always runs in full first (diffusers' default)
+
+
 def parse_cache(text: str | None) -> tuple[str, float] | None:
-    """'fbc' | 'fbc:T' | 'none' -> ('fbc', T) or None."""
+    """'fbc' | 'fbc:T' | 'taylorseer' | 'taylorseer:N' | 'none' -> ('fbc', T) / ('taylorseer', N) or None."""
     if text is None or text == "none":
         return None
     kind, _, value = text.partition(":")
@@ -60,7 +64,13 @@ def parse_cache(text: str | None) -> tuple[str, float] | None:
         if not math.isfinite(t) or not 0 < t <= 1:
             raise UserError(f"cache {text!r}: the threshold must be a number above 0 and at most 1, e.g. fbc:0.05")
         return "fbc", t
-    raise UserError(f"unknown cache {text!r}; valid: fbc, fbc:THRESHOLD (e.g. fbc:0.1), none")
+    if kind == "taylorseer":
+        if value and not (value.isascii() and value.isdigit() and 2 <= int(value) <= 20):
+            raise UserError(f"cache {text!r}: the interval must be a whole number of steps from 2 to 20, e.g. "
+                            f"taylorseer:{TAYLOR_INTERVAL}")
+        return "taylorseer", int(value) if value else TAYLOR_INTERVAL
+    raise UserError(f"unknown cache {text!r}; valid: fbc, fbc:THRESHOLD (e.g. fbc:0.1), taylorseer, "
+                    f"taylorseer:INTERVAL (e.g. taylorseer:{TAYLOR_INTERVAL}), none")
 
 
 def parse_schedule(text: str) -> tuple[str, float | None]:

@@ -19,7 +19,8 @@ INTS = ("width", "height", "steps", "seed", "num_images")
 FLOATS = ("guidance", "strength", "eta")
 TEXTS = ("prompt", "negative", "sampler", "schedule", "cache", "preset", "template", "upsampled_from")
 CACHES = (("none", "none"), ("fbc", "First Block Cache (faster, pixels move a little)"),
-          ("fbc:0.05", "First Block Cache, careful (0.05)"), ("fbc:0.2", "First Block Cache, fast (0.2)"))
+          ("fbc:0.05", "First Block Cache, careful (0.05)"), ("fbc:0.2", "First Block Cache, fast (0.2)"),
+          ("taylorseer", "TaylorSeer (faster still on 20+ steps, pixels move)"))
 FIELDS = (*TEXTS, *INTS, *FLOATS, "lora", "lora_file", "images", "init", "mask", "model", "input_images",
           "trigger_word", "config", "sample_prompts")
 
