@@ -94,13 +94,15 @@ def bench(
     cache: Annotated[list[str] | None, Opt("--cache", help="Also time each size with step caching, e.g. fbc:0.1 "
                                                           "(repeatable): a row per cache beside the plain one.")]
     = None,
+    compile: Annotated[bool, Opt("--compile", help="Then compile the transformer's blocks (torch.compile) and time "
+                                                    "every row again; the compile time is its own column.")] = False,
 ):
     """Time a model on this machine: phases, it/s, peak memory; --find-max; saves a hardware profile."""
     from rich.table import Table
 
     from ..runtime.loading import locate
     from ..service.api import load
-    from ..service.bench import default_sizes, measure, write_profile
+    from ..service.bench import compile_transformer, default_sizes, measure, write_profile
     from ..service.bench import find_max as search
 
     if batch < 1:
@@ -120,13 +122,15 @@ def bench(
     pipe = load(model, device=device, dtype=dtype, notify=say, memory=memory, budget=budget)
     measure(pipe, min(size_list), 1, 1)  # warm-up: loads the models and fills caches; not reported
     table = Table(title=f"{pipe.label} on {pipe.device}", title_justify="left")
-    for name in ("size", "batch", "cache", "encode s", "denoise s", "decode s", "total s", "it/s", "peak host GB",
-                 "peak device GB"):
+    for name in ("size", "batch", "cache", "compiled", "encode s", "denoise s", "decode s", "total s", "it/s",
+                 "peak host GB", "peak device GB"):
         table.add_column(name, no_wrap=True)
 
     def row(m):
         s = m.seconds
-        table.add_row(f"{m.width}x{m.height}", str(m.batch), m.cache or "-", f"{s['encode']:.2f}",
+        compiled = f"yes ({s['compile']:.1f} s to compile)" if m.compiled and "compile" in s else \
+            "yes" if m.compiled else "-"
+        table.add_row(f"{m.width}x{m.height}", str(m.batch), m.cache or "-", compiled, f"{s['encode']:.2f}",
                       f"{s['denoise']:.2f}", f"{s['decode']:.2f}", f"{s['total']:.2f}", f"{m.it_per_s or 0:.2f}",
                       f"{m.peak_host_gb:.2f}", "-" if m.peak_device_gb is None else f"{m.peak_device_gb:.2f}")
 
@@ -137,6 +141,19 @@ def bench(
         row(m)
         for c in caches:  # not in the profile: it describes the machine, the cache the request
             row(measure(pipe, size, batch, steps, cache=c))
+    if compile:  # the same rows again on the compiled transformer (not in the profile either)
+        import dataclasses
+        import time
+
+        compile_transformer(pipe)
+        for size in size_list:
+            for c in [None, *caches]:
+                t0 = time.perf_counter()
+                measure(pipe, size, batch, steps, cache=c)  # the first run at a size compiles
+                first = time.perf_counter() - t0
+                m = measure(pipe, size, batch, steps, cache=c)
+                row(dataclasses.replace(m, compiled=True, seconds={
+                    **m.seconds, "compile": round(max(first - m.seconds["total"], 0.0), 3)}))
     max_size = max_batch = None
     if find_max:
         from ..runtime.executor import device_budget
