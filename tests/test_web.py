@@ -428,6 +428,14 @@ def test_field_errors_and_text_that_stays_text(server, logged_in):
         assert not answer["valid"] and {e["field"] for e in answer["errors"]} == {"width", "steps", "seed", "strength"}
         assert api.post("/v1/predictions/validate", json={"model": "demo", "input": {"prompt": PROMPT}}).json() == \
             {"valid": True, "errors": []}
+        import io
+
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64), (20, 200, 20)).save(png, format="PNG")
+        init = api.post("/v1/files", files={"file": ("start.png", png.getvalue())}).json()["id"]
+        answer = api.post("/v1/predictions/validate", json={"model": "demo", "input": {  # the caller's own upload
+            "prompt": PROMPT, "init": init, "strength": 0.5, "width": 100}}).json()
+        assert [e["field"] for e in answer["errors"]] == ["width"], answer
         assert len(api.get("/v1/predictions").json()["results"]) == before  # checking queues nothing
     d.get(server.url + "/jobs/nope")  # a 404 keeps the site's navigation
     assert by(d, "not-found").is_displayed() and d.find_elements(By.CSS_SELECTOR, "header nav a[href='/gallery']")

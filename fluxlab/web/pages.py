@@ -82,7 +82,7 @@ async def generate_page(request: Request):
         r = await call(request, "GET", f"/v1/outputs/{source}/record")
         if r.status_code == 200:
             form = reuse(r.json(), c["loras"], request.app.state.server.settings.models)
-            if request.query_params.get("send") in SENDS:
+            if request.query_params.get("send") in SENDS and OUTPUT_ID.fullmatch(source):
                 form = await send_to(request, source, request.query_params["send"], form)
     if request.query_params.get("lora"):
         form["lora"] = request.query_params["lora"]
@@ -203,7 +203,7 @@ async def gallery_page(request: Request):
         kept = {k: v for k, v in params.items() if k in ("q", "model", "lora")}
         older = "/gallery?" + urlencode({**kept, "before": re.search(r"before=([0-9.]+)", nxt).group(1)})
     c = await choices(request)
-    return render(request, "gallery.html", status=r.status_code if r.status_code != 200 else 200, page="gallery",
+    return render(request, "gallery.html", status=r.status_code, page="gallery",
                   title="Gallery", outputs=data.get("results", []), older=older, q=params.get("q", ""),
                   model=params.get("model", ""), lora=params.get("lora", ""), loras=c["loras"],
                   models=[m["name"] for m in c["models"]], error=None if r.status_code == 200 else r.json()["detail"])

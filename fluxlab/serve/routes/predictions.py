@@ -137,7 +137,7 @@ def validate_prediction(body: dict, who: Who, srv: Srv) -> dict:
             body["input"] = {k: v for k, v in body["input"].items() if k not in dropped}
             continue
         try:
-            plan(srv, parsed, who, "validate")
+            plan(srv, parsed, who.name, "validate")
             break
         except (ApiError, UserError) as e:
             if isinstance(e, ApiError) and e.status != 422:
