@@ -535,6 +535,43 @@ def test_docs_host_and_files(server, tenants):
 
 
 # -- the data folder ----------------------------------------------------------------------------------------------
+def test_ctrl_c_ends_open_event_streams_and_the_server(tmp_path):
+    """A page following the queue and a job's stream (a job waiting in a paused queue) do not hold the server up:
+    on Ctrl-C the streams end by themselves, the server exits 0 within seconds, and its log has no traceback."""
+    import signal
+    import threading
+
+    s = Server(tmp_path / "data").start()
+    ended: list = []
+
+    def follow(path: str) -> None:
+        try:
+            with httpx.stream("GET", s.url + path, timeout=60, headers={
+                    "Authorization": f"Bearer {s.token}", "Accept": "text/event-stream"}) as r:
+                for _ in r.iter_lines():
+                    pass
+            ended.append(path)
+        except httpx.HTTPError as e:
+            ended.append(f"{path}: {type(e).__name__}")
+
+    with s.client() as api:
+        api.post("/v1/queue/pause")
+        job = api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT}}).json()
+    threads = [threading.Thread(target=follow, args=(p,), daemon=True)
+               for p in ("/v1/queue", f"/v1/predictions/{job['id']}/stream")]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    started = time.time()
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(timeout=15) == 0 and time.time() - started < 10
+    for t in threads:
+        t.join(10)
+    s.log.close()
+    assert sorted(ended) == sorted(["/v1/queue", f"/v1/predictions/{job['id']}/stream"]), ended
+    assert "Traceback" not in (tmp_path / "data" / "server.log").read_text()
+
+
 def test_one_server_per_data_folder(server):
     code, _, err = run_cli("serve", "--data", server.data, "--port", free_port())
     assert code == 2 and len(err.strip().splitlines()) == 1

@@ -189,10 +189,22 @@ def serve(
     if pool.most > 1 or pool.engine != "local":
         say(describe(pool))
     # Connections: idle keep-alive closed after 5 s, headers over 64 KB refused, at most 1000 at once (uvicorn
-    # has no header-read timeout: facing the internet, put a proxy in front; see the README).
-    uvicorn.run(site, host=host, port=port, log_level="warning", timeout_keep_alive=5,
-                h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1000, ssl_certfile=tls_cert,
-                ssl_keyfile=tls_key)
+    # has no header-read timeout: facing the internet, put a proxy in front; see the README). On Ctrl-C, open
+    # event streams (a page following the queue or a job) are closed after 3 s instead of holding the server up.
+    config = uvicorn.Config(site, host=host, port=port, log_level="warning", timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1000, ssl_certfile=tls_cert,
+                            ssl_keyfile=tls_key, timeout_graceful_shutdown=3)
+    closing = site.state.server.closing
+
+    class Serving(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # streams see it and end before uvicorn waits for their connections
+            closing.set()
+            super().handle_exit(sig, frame)
+
+    import contextlib
+
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled; as uvicorn.run, quietly
+        Serving(config).run()
 
 
 def worker_settings(workers, devices, engine, ray_address, gpus, cpus, least, most, affinity_wait, no_affinity,

@@ -4,7 +4,8 @@ jobs, files and LoRAs, and the model names a request may use. A route declares w
 runs, so a missing object is a 404 before any response starts (a stream included)."""
 
 import inspect
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,8 @@ class Server:
     broker: object
     settings: Settings
     throttle: Throttle
+    # Set when the server begins to stop: event streams end by themselves then, instead of being cancelled
+    closing: threading.Event = field(default_factory=threading.Event)
 
 
 def server(request: Request) -> Server:

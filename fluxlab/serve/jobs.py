@@ -198,12 +198,17 @@ async def events(srv: Server, job: dict, last_event_id: str | None, ping_s: floa
             yield sse(kind, data, seq)
             if kind == "done":
                 return
-        while True:
+        quiet = 0.0
+        while not srv.closing.is_set():  # a server that stops ends its streams (the client reconnects)
             try:
-                seq, kind, data = await asyncio.wait_for(q.get(), ping_s)
+                seq, kind, data = await asyncio.wait_for(q.get(), 1.0)
             except (TimeoutError, asyncio.TimeoutError):
-                yield ": ping\n\n"
+                quiet += 1.0
+                if quiet >= ping_s:
+                    yield ": ping\n\n"
+                    quiet = 0.0
                 continue
+            quiet = 0.0
             yield sse(kind, data, seq)
             if kind == "done":
                 return

@@ -42,7 +42,7 @@ async def queue_events(who, srv, request: Request, every_s: float = 0.5, ping_s:
     from ..jobs import sse
 
     last, quiet, seq = None, time.monotonic(), 0
-    while not await request.is_disconnected():
+    while not srv.closing.is_set() and not await request.is_disconnected():
         now = await run_in_threadpool(snapshot, who, srv, request)
         key = json.dumps({**now, "workers": [{k: v for k, v in w.items() if k != "rss_bytes"}
                                              for w in now["workers"]]}, sort_keys=True, default=str)
