@@ -563,32 +563,42 @@ def test_queue_shows_pending_jobs_and_cancels_one(server, logged_in):
     d = logged_in
     with server.client() as api:
         api.post("/v1/queue/pause")
-        ids = [api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "seed": i}}).json()["id"]
-               for i in range(2)]
-        d.get(server.url + "/queue")
-        items = d.find_elements(By.CSS_SELECTOR, '[data-testid="queue-item"]')
-        assert [i for i in ids if any(i in x.text for x in items)] == ids
-        items[0].find_element(By.CSS_SELECTOR, "button").click()
-        wait(d, lambda d: d.current_url.endswith("/queue"))
-        d.execute_script("window.__same = 1")  # gone if the page reloads
-
-        def listed(d):  # read in one step: the list may be replaced between two reads
-            return " ".join(d.execute_script(
-                "return Array.from(document.querySelectorAll('[data-testid=\"queue-item\"]'), e => e.textContent)"))
-
-        wait(d, lambda d: ids[0] not in listed(d))
-        third = api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "seed": 9}}).json()["id"]
-        wait(d, lambda d: third in listed(d))
-        assert d.execute_script("return window.__same") == 1  # updated from the event stream, not reloaded
-        api.post("/v1/queue/resume")
-        assert server.wait(api, ids[0])["status"] == "canceled"
-        assert server.wait(api, ids[1])["status"] == "succeeded"
-        wait(d, lambda d: third not in listed(d))
+        try:
+            queue_flow(d, server, api)
+        finally:  # a paused queue would stall every later test
+            api.post("/v1/queue/resume")
     with server.client() as api, api.stream("GET", "/v1/queue", headers={"Accept": "text/event-stream"}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = r.iter_lines()
         assert next(lines).startswith("id:") and next(lines) == "event: queue"
         assert set(json.loads(next(lines).removeprefix("data: "))) == {"paused", "running", "workers", "pending"}
+
+
+def queue_flow(d, server, api):
+    ids = [api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "seed": i}}).json()["id"]
+           for i in range(2)]
+    d.get(server.url + "/queue")
+    items = d.find_elements(By.CSS_SELECTOR, '[data-testid="queue-item"]')
+    assert [i for i in ids if any(i in x.text for x in items)] == ids
+    d.execute_script("window.__before = 1")
+    items[0].find_element(By.CSS_SELECTOR, "button").click()
+    # the Cancel form posts and comes back to /queue: wait for that new page, not the one clicked on
+    wait(d, lambda d: d.current_url.endswith("/queue") and d.execute_script(
+        "return window.__before === undefined && document.readyState === 'complete'"))
+    d.execute_script("window.__same = 1")  # gone if the page reloads
+
+    def listed(d):  # read in one step: the list may be replaced between two reads
+        return " ".join(d.execute_script(
+            "return Array.from(document.querySelectorAll('[data-testid=\"queue-item\"]'), e => e.textContent)"))
+
+    wait(d, lambda d: ids[0] not in listed(d))
+    third = api.post("/v1/predictions", json={"model": "demo", "input": {"prompt": PROMPT, "seed": 9}}).json()["id"]
+    wait(d, lambda d: third in listed(d))
+    assert d.execute_script("return window.__same") == 1  # updated from the event stream, not reloaded
+    api.post("/v1/queue/resume")
+    assert server.wait(api, ids[0])["status"] == "canceled"
+    assert server.wait(api, ids[1])["status"] == "succeeded"
+    wait(d, lambda d: third not in listed(d))
 
 
 def test_a_grid_from_the_page(server, logged_in):
