@@ -291,10 +291,8 @@ class Broker:
             from .ship import receive
 
             receive(e, self.data)
-        if kind != "loading":
-            slot.loading = None
+        slot.loading = e["model"] if kind == "loading" else None  # any later event of the job: loaded (or over)
         if kind == "loading":
-            slot.loading = e["model"]
             self._emit(job_id, "status", {"status": "starting", "loading": e["model"]})
         elif kind == "processing":
             metrics = {**job["metrics"], "load_time": e.get("load_time", 0.0)}

@@ -48,7 +48,9 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
             output = json.loads(Path(listed[0]["path"]).read_text())
     else:
         loras = store.outputs(job["id"], "lora")
-        output = {"samples": urls("sample"), "sample_labels": sample_labels(plan, store.outputs(job["id"], "sample"))}
+        prompts = sample_prompts(plan)
+        output = {"samples": urls("sample"), "sample_prompts": prompts,
+                  "sample_labels": sample_labels(prompts, store.outputs(job["id"], "sample"))}
         if loras:
             output |= {"weights": output_url(store, base, loras[0]["id"]), "lora": plan.get("lora_name") or job["id"]}
             if plan.get("destination"):
@@ -71,19 +73,22 @@ def render(srv: Server, job: dict, base: str = "") -> dict:
     return obj
 
 
-def sample_labels(plan: dict, samples: list[dict]) -> list[dict]:
+def sample_prompts(plan: dict) -> list[str]:
+    """A training's sample prompts as its samples are drawn: in order, the trigger word in place of [trigger]."""
+    process = ((plan.get("config") or {}).get("config") or {}).get("process") or [{}]
+    trigger = process[0].get("trigger_word") or ""
+    return [p.replace("[trigger]", trigger) for p in (process[0].get("sample") or {}).get("prompts") or []]
+
+
+def sample_labels(prompts: list[str], samples: list[dict]) -> list[dict]:
     """Each training sample's step and prompt (its file is step<N>-<k>.png, k its prompt's place in the plan)."""
     import re
 
-    process = ((plan.get("config") or {}).get("config") or {}).get("process") or [{}]
-    prompts = (process[0].get("sample") or {}).get("prompts") or []
-    trigger = process[0].get("trigger_word") or ""
     labels = []
     for o in samples:
         m = re.match(r"step(\d+)-(\d+)", Path(o["path"]).name)
         step, k = (int(m.group(1)), int(m.group(2))) if m else (None, None)
-        prompt = prompts[k] if k is not None and k < len(prompts) else ""
-        labels.append({"step": step, "prompt": prompt.replace("[trigger]", trigger)})
+        labels.append({"step": step, "prompt": prompts[k] if k is not None and k < len(prompts) else ""})
     return labels
 
 

@@ -29,7 +29,6 @@ class Measurement:
     peak_device_gb: float | None
     ok: bool = True
     cache: str | None = None
-    compiled: bool = False
 
 
 def default_sizes(spec) -> list[int]:
@@ -43,11 +42,8 @@ def compile_transformer(pipe) -> None:
     """torch.compile on the transformer's repeated blocks (diffusers' regional compilation: each block type is
     compiled once and reused by every block of it), for `fluxlab bench --compile`. The first run at each size pays
     the compilation."""
-    transformer = pipe.components.transformer
-    if getattr(transformer, "_repeated_blocks", None):
-        transformer.compile_repeated_blocks()  # graph breaks allowed: a step cache hooks the blocks in Python
-    else:
-        transformer.compile()
+    # graph breaks allowed: a step cache hooks the blocks in Python
+    pipe.components.transformer.compile_repeated_blocks()
 
 
 def measure(pipe, size: int, batch: int = 1, steps: int | None = None, seed: int = 0,

@@ -213,13 +213,19 @@ def load_yaml(path: str | Path) -> Job:
     return parse(data, str(path))
 
 
+def default_resolution(model: str) -> int:
+    """The side a model trains at unless told: its own largest side (64 for the demo model), 1024 for models
+    outside the catalog."""
+    from .catalog import CATALOG
+
+    return max(CATALOG[model].default_size) if model in CATALOG else 1024
+
+
 def one_line(images: str, trigger: str, steps: int, model: str, name: str, out: str, resolution: int | None = None,
              rank: int = 32, device: str = "cpu") -> Job:
     """The hosted-trainer flow (seed 003) with seed 004's recommended settings."""
-    if resolution is None:  # the model's own size (64 for the demo model), 1024 for models outside the catalog
-        from .catalog import CATALOG
-
-        resolution = max(CATALOG[model].default_size) if model in CATALOG else 1024
+    if resolution is None:
+        resolution = default_resolution(model)
     optimizer = "adamw8bit" if device.startswith("cuda") else "adamw"
     return parse({
         "job": "extension",

@@ -137,13 +137,11 @@ async def generate_form(request: Request):
         if error:
             errors[k] = error
         # kept uploads (from a reused or sent image), by id: a new init or mask replaces the kept one, new
-        # reference images join the kept ones
-        ids = [i["id"] for i in infos]
-        ids = [i for i, _ in kept[k]] + ids if k == "images" else ids or [i for i, _ in kept[k]]
-        if not error and ids:
-            inp[k] = ids if k == "images" else ids[0]
-        new = [(i["id"], i["name"]) for i in infos]  # uploaded now: kept if the form comes back
-        form[f"{k}_files"] = kept[k] + new if k == "images" else new or kept[k]
+        # reference images join the kept ones; all of them stay kept if the form comes back
+        new = [(i["id"], i["name"]) for i in infos]
+        form[f"{k}_files"] = chosen = kept[k] + new if k == "images" else new or kept[k]
+        if not error and chosen:
+            inp[k] = [i for i, _ in chosen] if k == "images" else chosen[0][0]
     infos, error = await upload_all(request, data.getlist("lora_file"))  # a LoRA file joins the stack at scale 1
     if error:
         errors["lora_file"] = error

@@ -310,9 +310,8 @@ async def training_page(request: Request, job_id: str):
     from .chart import loss_svg
 
     log = request.query_params.get("scale") == "log"
-    trigger = job["input"].get("trigger_word") or ""
-    prompts = [p.replace("[trigger]", trigger) for p in job["input"].get("sample_prompts") or ["[trigger]"]]
-    return render(request, "training.html", page="training", title=f"Training {job_id}", job=job, prompts=prompts,
+    return render(request, "training.html", page="training", title=f"Training {job_id}", job=job,
+                  prompts=job["output"]["sample_prompts"],
                   done=job["status"] in ("succeeded", "failed", "canceled"), progress=progress,
                   losses=[round(x, 6) for x in losses], chart=loss_svg(losses, log), log=log)
 

@@ -225,8 +225,7 @@ def dataset_warnings(rows: list[dict], side: int) -> list[str]:
 
 
 def training_side(request: Request, model: str) -> int:
-    """The side a model trains at by default (its own largest side; 1024 for a folder model)."""
-    from ..spec.catalog import CATALOG
+    """The side a model trains at by default, as the training will choose it (a `--model` name is its folder)."""
+    from ..spec.trainconfig import default_resolution
 
-    settings = request.app.state.server.settings
-    return max(CATALOG[model].default_size) if model in CATALOG and model not in settings.models else 1024
+    return default_resolution(str(request.app.state.server.settings.models.get(model, model)))

@@ -30,7 +30,7 @@ def plan(srv: Server, body: DownloadCreate, who: str, job_id: str) -> dict:
         raise ApiError(422, f"model: unknown model {body.model!r}; valid: {', '.join(CATALOG)}")
     if spec.bundled:
         raise ApiError(422, f"model: {body.model} comes with fluxlab; there is nothing to download")
-    return {"model": spec.name, "repo": spec.repo, "size_gb": round(sum(spec.sizes_gb.values()), 3)}
+    return {"model": spec.name, "repo": spec.repo}
 
 
 @router.post("", status_code=201, response_model=Job)

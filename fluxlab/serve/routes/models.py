@@ -67,9 +67,10 @@ def models(who: Owner, srv: Srv, request: Request) -> dict:
 
     loaded, loading = srv.broker.loaded, srv.broker.loading
     rows = [{**r, "loaded": r["name"] in loaded, "loading": r["name"] in loading} for r in catalog()]
-    rows += [{"name": n, "ref": f"fluxlab/{n}", "bundled": False, "loaded": str(Path(p).resolve()) in loaded,
-              "loading": bool({n, str(p), str(Path(p).resolve())} & loading), **defaults_of(p)}
-             for n, p in srv.settings.models.items()]
+    # a --model folder is loaded and named by workers as its resolved path (what model_name gives them)
+    folders = {n: str(Path(p).resolve()) for n, p in srv.settings.models.items()}
+    rows += [{"name": n, "ref": f"fluxlab/{n}", "bundled": False, "loaded": folders[n] in loaded,
+              "loading": folders[n] in loading, **defaults_of(p)} for n, p in srv.settings.models.items()]
     loras = [{"name": r["name"], "training": r["job_id"], "trigger_word": r["trigger"], "sha256": r["sha256"],
               "created_at": iso(r["created_at"])} for r in srv.store.loras(who)]
     # LoRA files uploaded through /v1/files: usable by their id, listed by their file name

@@ -16,6 +16,16 @@ async function api(method, path, body, headers = {}) {
   return { status: r.status, data };
 }
 
+// One file (or a drawn blob) uploaded through /v1/files: its id, or null after showing the error at `field`.
+async function uploadFile(form, field, file, name) {
+  const fd = new FormData();
+  fd.append("file", file, name);
+  const up = await api("POST", "/v1/files", fd);
+  if (up.status === 201) return up.data.id;
+  showError(form, `${field}: ${up.data ? up.data.detail : up.status}`);
+  return null;
+}
+
 function el(tag, attrs = {}, text = null) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
@@ -144,10 +154,10 @@ function setupPicks(form, onChange) {
       b.addEventListener("click", onClick);
       return b;
     };
+    const drop = (kept) => { kept.querySelector('input[type="checkbox"]').checked = false; kept.hidden = true; };
     for (const kept of thumbs.querySelectorAll(".kept")) {
-      const check = kept.querySelector('input[type="checkbox"]');
-      check.closest("label").hidden = true;
-      kept.appendChild(removeButton(kept.querySelector("img").alt, () => { check.checked = false; kept.hidden = true; onChange(); }));
+      kept.querySelector('input[type="checkbox"]').closest("label").hidden = true;
+      kept.appendChild(removeButton(kept.querySelector("img").alt, () => { drop(kept); onChange(); }));
     }
     const show = () => {
       thumbs.querySelectorAll(".chosen").forEach((e) => e.remove());
@@ -162,9 +172,7 @@ function setupPicks(form, onChange) {
         }));
         thumbs.appendChild(pick);
       });
-      if (!input.multiple && input.files.length) {  // a new init or mask replaces the kept one
-        for (const kept of thumbs.querySelectorAll(".kept")) { kept.querySelector("input").checked = false; kept.hidden = true; }
-      }
+      if (!input.multiple && input.files.length) thumbs.querySelectorAll(".kept").forEach(drop);  // a new one replaces it
       onChange();
     };
     input.addEventListener("change", show);
@@ -181,7 +189,7 @@ function setupMask(form) {
   const size = document.getElementById("mask-size");
   const layer = document.createElement("canvas");
   const tint = document.createElement("canvas");
-  const TINT = "rgba(230, 0, 120, 1)";
+  const TINT = [230, 0, 120];  // the strokes' colour on the image (RGB)
   const state = { image: null, painted: false, erase: false, source: "" };
   const paint = () => {
     const ctx = view.getContext("2d");
@@ -239,7 +247,7 @@ function setupMask(form) {
     for (let i = 0; i < px.data.length; i += 4) {
       const v = 255 - px.data[i];
       px.data[i] = px.data[i + 1] = px.data[i + 2] = v;
-      shown.data[i] = 230; shown.data[i + 1] = 0; shown.data[i + 2] = 120; shown.data[i + 3] = v;
+      shown.data.set([...TINT, v], i);
     }
     ctx.putImageData(px, 0, 0);
     tint.getContext("2d").putImageData(shown, 0, 0);
@@ -254,7 +262,7 @@ function setupMask(form) {
   const stroke = (to) => {
     const from = last || to;
     for (const [canvas, colour, op] of [[layer, state.erase ? "#000" : "#fff", "source-over"],
-                                        [tint, TINT, state.erase ? "destination-out" : "source-over"]]) {
+                                        [tint, `rgb(${TINT})`, state.erase ? "destination-out" : "source-over"]]) {
       const ctx = canvas.getContext("2d");
       ctx.globalCompositeOperation = op;
       ctx.strokeStyle = colour;
@@ -344,22 +352,18 @@ function setupGenerate() {
     }
     const file = (form.elements.lora_file.files || [])[0];
     if (file) {  // an uploaded LoRA joins the stack at scale 1
-      const fd = new FormData();
-      fd.append("file", file, file.name);
-      const up = await api("POST", "/v1/files", fd);
-      if (up.status !== 201) { showError(form, `lora_file: ${up.data ? up.data.detail : up.status}`); return; }
-      stack.push({ name: up.data.id, scale: 1 });
+      const id = await uploadFile(form, "lora_file", file, file.name);
+      if (!id) return;
+      stack.push({ name: id, scale: 1 });
     }
     if (stack.length) input.lora = stack;
     for (const name of ["images", "init", "mask"]) {
       const files = Array.from(form.elements[name].files || []);
       const ids = [];
       for (const f of files) {
-        const fd = new FormData();
-        fd.append("file", f, f.name);
-        const up = await api("POST", "/v1/files", fd);
-        if (up.status !== 201) { showError(form, `${name}: ${up.data ? up.data.detail : up.status}`); return; }
-        ids.push(up.data.id);
+        const id = await uploadFile(form, name, f, f.name);
+        if (!id) return;
+        ids.push(id);
       }
       // kept uploads, by id: a new init or mask replaces the kept one; new reference images join the kept ones
       const kept = Array.from(form.querySelectorAll(`input[name="keep_${name}"]:checked`), (k) => k.value);
@@ -368,11 +372,8 @@ function setupGenerate() {
     }
     const drawn = await mask.blob();
     if (drawn) {
-      const fd = new FormData();
-      fd.append("file", drawn, "mask.png");
-      const up = await api("POST", "/v1/files", fd);
-      if (up.status !== 201) { showError(form, `mask: ${up.data ? up.data.detail : up.status}`); return; }
-      input.mask = up.data.id;
+      input.mask = await uploadFile(form, "mask", drawn, "mask.png");
+      if (!input.mask) return;
     }
     const r = await api("POST", "/v1/predictions", { model: model.value, input });
     if (r.status !== 201) {  // every problem at once, each beside its field
